@@ -1,0 +1,26 @@
+"""Tiny looped LM on the built-in Mano task: trains in about a minute on 2 CPU cores."""
+
+from loopjax.config import default_config
+
+
+def get_config():
+  c = default_config()
+  c.model.vocab_size = 64
+  c.model.hidden_size = 64
+  c.model.num_layers = 2
+  c.model.num_heads = 4
+  c.model.num_kv_heads = 2
+  c.model.head_dim = 16
+  c.model.mlp_dim = 160
+  c.model.loop_steps = 4
+  c.train.steps = 200
+  c.train.batch_size = 8
+  c.train.seq_len = 128
+  c.train.log_every = 10
+  c.optim.lr = 3e-3
+  c.optim.schedule = "wsd"
+  c.optim.warmup_steps = 20
+  c.optim.decay_steps = 40
+  c.optim.end_lr = 3e-4
+  c.objective.beta = 0.1
+  return c

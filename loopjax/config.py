@@ -1,0 +1,199 @@
+"""Every config key with its default, and the start-up checks that name the field and the fix.
+
+A run's config is `default_config()` with a file in `configs/` applied on top and `--config.a.b=v`
+overrides after that. The dict is locked, so an unknown key is an error at parse time. `validate`
+runs before any array is allocated or anything compiles: a config that cannot work fails with one
+`ConfigError` naming the field and what to change.
+
+Stable keys other code and scripts rely on: train.steps, train.seed, train.log_every,
+model.loop_steps, model.num_layers, mesh.data, mesh.fsdp, mesh.tensor.
+"""
+
+import math
+
+import ml_collections
+
+REMAT_POLICIES = ("none", "full", "save_matmuls", "save_attention_out")
+MODEL_KINDS = ("ouro", "loop_residual")
+SCHEDULES = ("constant", "warmup_constant", "cosine", "wsd")
+PRIORS = ("uniform", "geometric")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+  """A config that cannot work; the message names the field and the fix."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+
+  c.model = m = ml_collections.ConfigDict()
+  m.kind = "ouro"  # "ouro" (LoopLM, sandwich norms, exit gate) or "loop_residual" (GPT-2 style)
+  m.vocab_size = 512
+  m.hidden_size = 128
+  m.num_layers = 2  # L: layers in the shared (looped) stack
+  m.num_heads = 4
+  m.num_kv_heads = 4  # < num_heads gives GQA
+  m.head_dim = 32
+  m.mlp_dim = 352
+  m.loop_steps = 4  # T: how often the shared stack runs per token
+  m.rope_base = 10_000.0
+  m.norm_eps = 1e-6
+  m.tie_embeddings = False
+  m.param_dtype = "float32"
+  m.compute_dtype = "float32"
+  m.remat = "full"  # one of REMAT_POLICIES, applied to each layer of the scanned stack
+  m.loss_chunk = 0  # >0: compute the LM head + CE in sequence chunks of this many tokens
+  m.init_std = 0.02
+  # Loop-Residual only: layers before and after the looped block, and the learned position table.
+  m.prelude_layers = 0
+  m.coda_layers = 0
+  m.max_positions = 1024
+
+  c.objective = o = ml_collections.ConfigDict()
+  o.beta = 0.1  # entropy weight in the Stage I loss
+  o.prior = "uniform"  # "uniform" (Ouro) or "geometric" (PonderNet KL)
+  o.geometric_lambda = 0.5  # prior's per-step exit probability when prior == "geometric"
+
+  c.optim = p = ml_collections.ConfigDict()
+  p.lr = 3e-4
+  p.schedule = "wsd"  # one of SCHEDULES
+  p.warmup_steps = 10
+  p.decay_steps = 0  # wsd: length of the final decay; cosine: 0 means all steps after warmup
+  p.end_lr = 3e-5
+  p.b1 = 0.9
+  p.b2 = 0.95
+  p.eps = 1e-8
+  p.weight_decay = 0.1
+  p.clip_norm = 1.0
+
+  c.train = t = ml_collections.ConfigDict()
+  t.steps = 100
+  t.seed = 0
+  t.log_every = 10
+  t.batch_size = 8  # global batch, in sequences
+  t.seq_len = 128
+  t.progress = True  # tqdm progress bar on process 0
+
+  c.data = d = ml_collections.ConfigDict()
+  # One source or a comma-separated mixture: built-in tasks "mano", "multihop", "capo" (no files
+  # needed) and/or directories written by `loopjax prepare`.
+  d.source = "mano"
+  d.weights = ""  # comma-separated mixture weights, one per source; "" = equal
+  d.packing = "document"  # "document" (first-fit, whole documents + padding) or "concat" (concat-and-split)
+  d.packing_bins = 0  # first-fit bins per packing round; 0 = the per-process batch size
+  d.shuffle = True  # shuffle corpus documents (a new permutation each epoch)
+  d.loss_on = "answer"  # synthetic tasks: train on "answer" tokens only, or on "all" targets
+  d.num_workers = 0  # >0: grain worker processes (needs absl flags parsed and a __main__ guard)
+  d.read_threads = 0  # grain reader threads per process (0 = in the main thread; threads contend for the GIL)
+  d.task_seed = 0  # synthetic tasks: seed of the fixed world (people, relations, biographies)
+  d.mano_max_ops = 6  # Mano: expressions with 1..mano_max_ops operations (eval at mano_max_ops)
+  d.multihop_people = 64  # multi-hop QA: people in the world
+  d.multihop_relations = 4  # multi-hop QA: relations, each a random function person -> person
+  d.multihop_max_hops = 3  # multi-hop QA: questions with 1..max_hops hops (eval at max_hops)
+  d.multihop_train_questions = 0  # >0: only this many distinct multi-hop training questions
+  d.capo_people = 256  # Capo: biographies
+  d.capo_attributes = 4  # Capo: attributes per biography
+  d.capo_values = 16  # Capo: possible values per attribute
+
+  c.mesh = ms = ml_collections.ConfigDict()
+  ms.data = -1  # -1 takes whatever devices the other axes leave
+  ms.fsdp = 1
+  ms.tensor = 1
+
+  c.lock()
+  return c
+
+
+def _fail(field: str, problem: str, fix: str):
+  raise ConfigError(f"config.{field}: {problem}. Fix: {fix}.")
+
+
+def _check_choice(cfg, field: str, choices):
+  value = cfg
+  for part in field.split("."):
+    value = value[part]
+  if value not in choices:
+    _fail(field, f"{value!r} is not one of {choices}", f"set --config.{field} to one of {choices}")
+
+
+def resolve_mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
+  """(data, fsdp, tensor) with a single -1 filled so the product equals num_devices."""
+  names = ("data", "fsdp", "tensor")
+  sizes = [int(mesh_cfg[n]) for n in names]
+  if sum(s == -1 for s in sizes) > 1:
+    _fail("mesh", f"more than one axis is -1 ({dict(zip(names, sizes))})",
+          "leave at most one of mesh.data/fsdp/tensor at -1")
+  for n, s in zip(names, sizes):
+    if s == 0 or s < -1:
+      _fail(f"mesh.{n}", f"size {s} is invalid", "use a positive size or -1")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % known:
+      _fail("mesh", f"the fixed axes ({known} devices) do not divide the {num_devices} devices",
+            f"choose mesh sizes whose product divides {num_devices}")
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    _fail("mesh", f"data*fsdp*tensor = {math.prod(sizes)} but there are {num_devices} devices",
+          f"make the product {num_devices}, or set one axis to -1")
+  return tuple(sizes)
+
+
+def validate(cfg, num_devices: int) -> tuple[int, int, int]:
+  """Checks everything that can be checked before compiling; returns the resolved mesh shape."""
+  m, t = cfg.model, cfg.train
+  _check_choice(cfg, "model.kind", MODEL_KINDS)
+  _check_choice(cfg, "model.remat", REMAT_POLICIES)
+  _check_choice(cfg, "model.param_dtype", DTYPES)
+  _check_choice(cfg, "model.compute_dtype", DTYPES)
+  _check_choice(cfg, "optim.schedule", SCHEDULES)
+  _check_choice(cfg, "objective.prior", PRIORS)
+  for field in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                "mlp_dim", "loop_steps"):
+    if m[field] < 1:
+      _fail(f"model.{field}", f"must be >= 1, got {m[field]}", f"set --config.model.{field} to a positive integer")
+  if m.num_heads % m.num_kv_heads:
+    _fail("model.num_kv_heads", f"{m.num_kv_heads} does not divide num_heads={m.num_heads}",
+          "pick num_kv_heads that divides num_heads (GQA groups must be whole)")
+  if m.kind == "loop_residual" and m.hidden_size % m.num_heads:
+    _fail("model.num_heads", f"{m.num_heads} heads do not divide hidden_size={m.hidden_size}",
+          "choose num_heads dividing hidden_size (GPT-2 uses head_dim = hidden_size / num_heads)")
+  if m.kind == "loop_residual" and m.num_heads * m.head_dim != m.hidden_size:
+    _fail("model.head_dim", f"num_heads*head_dim = {m.num_heads * m.head_dim} != hidden_size={m.hidden_size}",
+          f"set --config.model.head_dim={m.hidden_size // m.num_heads}")
+  if m.head_dim % 2 and m.kind == "ouro":
+    _fail("model.head_dim", f"RoPE needs an even head_dim, got {m.head_dim}", "use an even head_dim")
+  if m.kind == "loop_residual" and t.seq_len > m.max_positions:
+    _fail("train.seq_len", f"{t.seq_len} exceeds model.max_positions={m.max_positions}",
+          "raise model.max_positions or shorten train.seq_len")
+  if m.loss_chunk < 0 or (m.loss_chunk and t.seq_len % m.loss_chunk):
+    _fail("model.loss_chunk", f"{m.loss_chunk} does not divide train.seq_len={t.seq_len}",
+          "use 0 (no chunking) or a divisor of train.seq_len")
+  if cfg.objective.beta < 0:
+    _fail("objective.beta", f"must be >= 0, got {cfg.objective.beta}", "use a non-negative entropy weight")
+  if not 0 < cfg.objective.geometric_lambda < 1:
+    _fail("objective.geometric_lambda", f"must be in (0, 1), got {cfg.objective.geometric_lambda}",
+          "choose a per-step exit probability strictly between 0 and 1")
+  for field in ("steps", "batch_size", "seq_len", "log_every"):
+    if t[field] < 1:
+      _fail(f"train.{field}", f"must be >= 1, got {t[field]}", f"set --config.train.{field} to a positive integer")
+  o = cfg.optim
+  if o.warmup_steps < 0 or o.decay_steps < 0:
+    _fail("optim.warmup_steps", "warmup_steps and decay_steps must be >= 0", "use non-negative step counts")
+  if o.schedule == "wsd" and o.warmup_steps + o.decay_steps > t.steps:
+    _fail("optim.decay_steps", f"warmup {o.warmup_steps} + decay {o.decay_steps} > train.steps={t.steps}",
+          "shorten warmup/decay or train longer")
+
+  data, fsdp, tensor = resolve_mesh_shape(cfg.mesh, num_devices)
+  if t.batch_size % (data * fsdp):
+    _fail("train.batch_size", f"{t.batch_size} is not divisible by the data-parallel size "
+          f"mesh.data*mesh.fsdp = {data * fsdp}", f"use a multiple of {data * fsdp}")
+  for field, size in (("hidden_size", m.hidden_size), ):
+    if size % fsdp:
+      _fail(f"model.{field}", f"{size} is not divisible by mesh.fsdp={fsdp}",
+            f"choose mesh.fsdp dividing {size}")
+  for field in ("num_heads", "num_kv_heads", "mlp_dim", "vocab_size"):
+    if m[field] % tensor:
+      _fail(f"model.{field}", f"{m[field]} is not divisible by mesh.tensor={tensor}",
+            f"choose mesh.tensor dividing model.{field}, or pad model.{field} to a multiple of {tensor}")
+  return data, fsdp, tensor

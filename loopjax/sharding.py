@@ -1,0 +1,82 @@
+"""The mesh, and the one table that maps logical axis names to mesh axes.
+
+Parameters carry `logical_axes` metadata (e.g. ("layers", "embed", "heads", "head_dim")) and
+activations are constrained with `constrain(x, ("batch", "seq", "embed"))`. Nothing else in loopjax
+names a mesh axis: to change how the model is laid out on devices, change `LOGICAL_RULES`.
+
+The mesh has three axes:
+  data   - pure data parallelism (parameters replicated);
+  fsdp   - data parallelism with parameters and optimizer state sharded (ZeRO-3 style);
+  tensor - Megatron-style tensor parallelism over heads / MLP / vocab.
+"""
+
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axis (or tuple of axes, or None = replicated)
+LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp"),
+    "seq": None,
+    "act_embed": None,  # the hidden dimension of activations
+    "act_heads": "tensor",
+    "act_mlp": "tensor",
+    "act_vocab": "tensor",
+    "embed": "fsdp",  # the hidden dimension of parameters
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "vocab": "tensor",
+    "layers": None,
+    "norm": None,
+    "positions": None,
+}
+
+
+def make_mesh(shape: Sequence[int], devices=None) -> Mesh:
+  """A (data, fsdp, tensor) mesh over `devices` (default: all), with automatic sharding axes."""
+  devices = jax.devices() if devices is None else devices
+  if int(np.prod(shape)) != len(devices):
+    raise ValueError(f"mesh shape {tuple(shape)} needs {int(np.prod(shape))} devices, have {len(devices)}")
+  return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def logical_to_spec(logical_axes: Sequence[str | None] | None) -> P:
+  """PartitionSpec for a tuple of logical axis names (None entries stay replicated)."""
+  if logical_axes is None:
+    return P()
+  return P(*(LOGICAL_RULES[name] if name is not None else None for name in logical_axes))
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+  """Sharding constraint by logical names; a no-op outside a mesh context (plain 1-device use)."""
+  if jax.sharding.get_abstract_mesh().empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes))
+
+
+def _is_variable(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def param_specs(state: nnx.State) -> nnx.State:
+  """The PartitionSpec of every variable in an NNX state, from its `logical_axes` metadata."""
+  return jax.tree.map(lambda v: logical_to_spec(getattr(v, "logical_axes", None)), state, is_leaf=_is_variable)
+
+
+def shardings_for(tree, mesh: Mesh, spec_tree=None):
+  """NamedShardings for a pytree: from `spec_tree` if given, else everything replicated."""
+  if spec_tree is None:
+    return jax.tree.map(lambda _: NamedSharding(mesh, P()), tree)
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), spec_tree, is_leaf=lambda s: isinstance(s, P))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Sharding of a [batch, seq] input array."""
+  return NamedSharding(mesh, logical_to_spec(("batch", "seq")))

@@ -1,0 +1,66 @@
+"""The train and eval steps: pure functions of (state, batch), jitted with explicit shardings.
+
+They know nothing of files, iterators or logging; `make_train_step` closes over the static parts
+(model graph, optimizer, objective settings) and `jit_train_step` adds shardings and donation.
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from loopjax import exits, sharding
+from loopjax.train.optim import learning_rate_schedule
+from loopjax.train.state import TrainState
+
+BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+
+
+def model_losses(graphdef, params, batch: dict, loop_steps: int | None = None):
+  """(ce_TBS, gate_logits_TBS) of the model with `params` on `batch`."""
+  model = nnx.merge(graphdef, params)
+  return model.step_losses(batch["inputs"], batch["targets"], segment_ids_BS=batch.get("segment_ids"),
+                           positions_BS=batch.get("positions"), loop_steps=loop_steps)
+
+
+def objective(cfg, graphdef, params, batch: dict, loop_steps: int | None = None):
+  """The Stage I loss and its metrics."""
+  ce_TBS, gate_TBS = model_losses(graphdef, params, batch, loop_steps)
+  o = cfg.objective
+  return exits.stage1_loss(ce_TBS, gate_TBS, batch["loss_mask"], beta=o.beta, prior=o.prior,
+                           geometric_lambda=o.geometric_lambda)
+
+
+def make_train_step(cfg, graphdef, optimizer: optax.GradientTransformation):
+  """train_step(state, batch) -> (state, metrics): one AdamW update on the Stage I objective."""
+  schedule = learning_rate_schedule(cfg.optim, cfg.train.steps)
+
+  def train_step(state: TrainState, batch: dict):
+    loss_fn = lambda params: objective(cfg, graphdef, params, batch)
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads), lr=schedule(state.step),
+                   tokens=jnp.sum(batch["loss_mask"]))
+    return TrainState(state.step + 1, params, opt_state), metrics
+
+  return train_step
+
+
+def make_eval_step(cfg, graphdef, loop_steps: int | None = None):
+  """eval_step(params, batch) -> metrics: the objective's metrics at any loop count."""
+  def eval_step(params, batch: dict):
+    loss, metrics = objective(cfg, graphdef, params, batch, loop_steps)
+    return dict(metrics, loss=loss)
+  return eval_step
+
+
+def jit_train_step(train_step, state_shardings: TrainState, mesh: Mesh):
+  """jit with the state's shardings in and out, the batch sharded on its batch axes, state donated.
+
+  Call (and lower) the result inside `jax.set_mesh(mesh)` so activation constraints see the mesh.
+  """
+  batch_shardings = {k: sharding.batch_sharding(mesh) for k in BATCH_KEYS}
+  return jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
+                 out_shardings=(state_shardings, None), donate_argnums=(0,))
