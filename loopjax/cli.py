@@ -1,4 +1,4 @@
-"""`loopjax <command> [flags]`: train, prepare, params.
+"""`loopjax <command> [flags]`: train, prepare, params, checkpoints, upscale.
 
 Flags are absl flags; `--config` takes an ml_collections config file and `--config.a.b=value`
 overrides any key (unknown keys are rejected). Parsing absl flags also lets grain's worker
@@ -26,6 +26,9 @@ def _define_run_flags():
   flags.DEFINE_string("workdir", None, "directory for metrics, TensorBoard events and checkpoints")
   flags.DEFINE_string("compile_cache", "~/.cache/loopjax/xla",
                       "persistent XLA compilation cache directory ('' disables it)")
+  flags.DEFINE_string("topology", None, "TPU topology for `loopjax compile`, e.g. v5p:4x4x4 or v5p-128")
+  from loopjax import distributed
+  distributed.define_flags()  # --coordinator, --num_processes, --process_id, --local_devices, ...
 
 
 def _enable_compile_cache(path: str):
@@ -48,11 +51,43 @@ def train(argv):
   del argv
   _require("config")
   _require("workdir")
+  from loopjax import distributed
+  distributed.initialize(distributed.settings_from(FLAGS))  # before anything touches the backend
   _enable_compile_cache(FLAGS.compile_cache)
   from loopjax.train.loop import train as run_training
   last = run_training(FLAGS.config, FLAGS.workdir)
-  if last:
+  import jax
+  if last and jax.process_index() == 0:
     logging.info("final step metrics: loss %.4f, tokens/s %.0f", last["loss"], last["tokens_per_sec"])
+
+
+@command
+def checkpoints(argv):
+  """List the checkpoints of a run: loopjax checkpoints WORKDIR (step, phase, size, complete)."""
+  if len(argv) != 2:
+    raise app.UsageError("usage: loopjax checkpoints WORKDIR")
+  import os
+
+  from loopjax.checkpoint import list_checkpoints
+  directory = os.path.join(argv[1], "checkpoints")
+  rows = list_checkpoints(directory)
+  if not rows:
+    print(f"no checkpoints in {directory}")
+    return
+  print(f"{'step':>8}  {'phase':10}  {'size':>10}  {'complete':8}  note")
+  for r in rows:
+    print(f"{r['step']:>8}  {r['phase']:10}  {r['bytes'] / 2**20:>8.2f}MB  {'yes' if r['complete'] else 'NO':8}  "
+          f"{r['note']}")
+
+
+@command
+def compile(argv):
+  """Pre-flight for a TPU topology (memory per chip, fits, 100%-MFU bound): loopjax compile --config X --topology v5p:4x4x4."""
+  del argv
+  _require("config")
+  _require("topology")
+  from loopjax.preflight import main as preflight_main
+  return preflight_main(FLAGS.config, FLAGS.topology, FLAGS["config"].config_filename)
 
 
 @command
@@ -64,11 +99,33 @@ def params(argv):
   print(f"{count_params(FLAGS.config.model):,}")
 
 
+def prepare(argv) -> int:
+  """Tokenize text/JSONL/Parquet into ArrayRecord shards: loopjax prepare INPUT... --output DIR."""
+  from loopjax.data.prepare import main as prepare_main
+  return prepare_main(argv)
+
+
+def upscale(argv) -> int:
+  """Duplicate layers checkpoint to checkpoint: loopjax upscale --from CKPT --to CKPT --layers 48."""
+  from loopjax.upscale_checkpoint import main as upscale_main
+  return upscale_main(argv)
+
+
+PLAIN_COMMANDS = {"prepare": prepare, "upscale": upscale}  # parse their own arguments (argparse), no absl flags
+
+
 def main():
-  if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
-    names = "\n".join(f"  {name:10s} {fn.__doc__.splitlines()[0]}" for name, fn in COMMANDS.items())
+  commands = {**COMMANDS, **PLAIN_COMMANDS}
+  if len(sys.argv) < 2 or sys.argv[1] not in commands:
+    names = "\n".join(f"  {name:12s} {fn.__doc__.splitlines()[0]}" for name, fn in commands.items())
     print(f"usage: loopjax <command> [--flags]\n\ncommands:\n{names}", file=sys.stderr)
     sys.exit(2)
-  name = sys.argv[1]
+  name, argv = sys.argv[1], sys.argv[2:]
+  if name in PLAIN_COMMANDS:
+    sys.exit(PLAIN_COMMANDS[name](argv))
   _define_run_flags()
-  app.run(COMMANDS[name], argv=[f"loopjax {name}"] + sys.argv[2:])
+  app.run(COMMANDS[name], argv=[f"loopjax {name}"] + argv)
+
+
+if __name__ == "__main__":
+  main()

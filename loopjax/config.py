@@ -9,7 +9,9 @@ Stable keys other code and scripts rely on: train.steps, train.seed, train.log_e
 model.loop_steps, model.num_layers, mesh.data, mesh.fsdp, mesh.tensor.
 """
 
+import importlib.util
 import math
+import os
 
 import ml_collections
 
@@ -17,7 +19,8 @@ REMAT_POLICIES = ("none", "full", "save_matmuls", "save_attention_out")
 MODEL_KINDS = ("ouro", "loop_residual")
 SCHEDULES = ("constant", "warmup_constant", "cosine", "wsd")
 PRIORS = ("uniform", "geometric")
-DTYPES = ("float32", "bfloat16", "float16")
+NAN_POLICIES = ("skip", "stop")
+DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64 for numerical checks
 
 
 class ConfigError(ValueError):
@@ -54,6 +57,9 @@ def default_config() -> ml_collections.ConfigDict:
   o.beta = 0.1  # entropy weight in the Stage I loss
   o.prior = "uniform"  # "uniform" (Ouro) or "geometric" (PonderNet KL)
   o.geometric_lambda = 0.5  # prior's per-step exit probability when prior == "geometric"
+  # Stage II (a phase with objective "gate"): continuation target sigmoid(k (I_t - gamma)), SPEC section 2.
+  o.gate_k = 50.0
+  o.gate_gamma = 0.005
 
   c.optim = p = ml_collections.ConfigDict()
   p.lr = 3e-4
@@ -74,6 +80,18 @@ def default_config() -> ml_collections.ConfigDict:
   t.batch_size = 8  # global batch, in sequences
   t.seq_len = 128
   t.progress = True  # tqdm progress bar on process 0
+  # A step whose loss or grad norm is NaN/Inf never updates the weights (the step's NaN guard);
+  # "skip" counts it (metrics: nonfinite_steps) and goes on, "stop" ends the run with the step number.
+  t.nan_policy = "skip"
+
+  c.checkpoint = k = ml_collections.ConfigDict()
+  # Checkpoints live in WORKDIR/checkpoints; `loopjax train` resumes from the newest complete one.
+  k.every_steps = 1000  # save every N steps (0 = never by step count); the last step is always saved
+  k.every_minutes = 30.0  # also save when this many minutes have passed since the last save (0 = off)
+  k.keep = 3  # keep the latest K checkpoints...
+  k.keep_period = 0  # ...plus every step divisible by P, permanently (0 = none)
+  k.async_save = True  # write in a background thread while training continues
+  k.phase = "main"  # recorded in every checkpoint (the phase runner sets it)
 
   c.data = d = ml_collections.ConfigDict()
   # One source or a comma-separated mixture: built-in tasks "mano", "multihop", "capo" (no files
@@ -96,6 +114,15 @@ def default_config() -> ml_collections.ConfigDict:
   d.capo_attributes = 4  # Capo: attributes per biography
   d.capo_values = 16  # Capo: possible values per attribute
 
+  c.eval = e = ml_collections.ConfigDict()
+  e.every_steps = 0  # >0: evaluate during training every this many steps (and at the end)
+  e.num_batches = 4  # held-out batches per evaluation
+  e.batch_size = 0  # sequences per eval batch; 0 = train.batch_size
+  e.loop_steps = ""  # comma-separated loop counts to evaluate at, e.g. "1,2,4,8"; "" = model.loop_steps
+  e.source = ""  # held-out data (a task or prepared corpus dirs); "" = data.source (tasks: held-out set)
+  e.seed = 1  # which held-out batches
+  e.q_exit = 0.5  # Q-exit threshold for the exit-selected exact-match accuracy
+
   c.mesh = ms = ml_collections.ConfigDict()
   ms.data = -1  # -1 takes whatever devices the other axes leave
   ms.fsdp = 1
@@ -103,6 +130,16 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.lock()
   return c
+
+
+def load_config_file(path: str, relative_to: str | None = None) -> ml_collections.ConfigDict:
+  """`get_config()` of a config file; a relative `path` resolves against the file `relative_to`."""
+  if relative_to is not None and not os.path.isabs(path):
+    path = os.path.join(os.path.dirname(os.path.abspath(relative_to)), path)
+  spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 def _fail(field: str, problem: str, fix: str):
@@ -171,12 +208,24 @@ def validate(cfg, num_devices: int) -> tuple[int, int, int]:
           "use 0 (no chunking) or a divisor of train.seq_len")
   if cfg.objective.beta < 0:
     _fail("objective.beta", f"must be >= 0, got {cfg.objective.beta}", "use a non-negative entropy weight")
+  if cfg.objective.gate_k <= 0 or cfg.objective.gate_gamma < 0:
+    _fail("objective.gate_k", f"gate_k={cfg.objective.gate_k} must be > 0 and gate_gamma="
+          f"{cfg.objective.gate_gamma} >= 0", "use the paper's k=50, gamma=0.005 or other positive values")
   if not 0 < cfg.objective.geometric_lambda < 1:
     _fail("objective.geometric_lambda", f"must be in (0, 1), got {cfg.objective.geometric_lambda}",
           "choose a per-step exit probability strictly between 0 and 1")
   for field in ("steps", "batch_size", "seq_len", "log_every"):
     if t[field] < 1:
       _fail(f"train.{field}", f"must be >= 1, got {t[field]}", f"set --config.train.{field} to a positive integer")
+  _check_choice(cfg, "train.nan_policy", NAN_POLICIES)
+  k = cfg.checkpoint
+  for field in ("every_steps", "every_minutes", "keep_period"):
+    if k[field] < 0:
+      _fail(f"checkpoint.{field}", f"must be >= 0, got {k[field]}", f"set --config.checkpoint.{field} to 0 (off) or more")
+  if k.keep < 1:
+    _fail("checkpoint.keep", f"must be >= 1, got {k.keep}", "keep at least the latest checkpoint (resume needs it)")
+  if not k.phase or "/" in k.phase:
+    _fail("checkpoint.phase", f"{k.phase!r} is not a usable name", "use a short name such as 'main'")
   o = cfg.optim
   if o.warmup_steps < 0 or o.decay_steps < 0:
     _fail("optim.warmup_steps", "warmup_steps and decay_steps must be >= 0", "use non-negative step counts")
@@ -188,12 +237,28 @@ def validate(cfg, num_devices: int) -> tuple[int, int, int]:
   if t.batch_size % (data * fsdp):
     _fail("train.batch_size", f"{t.batch_size} is not divisible by the data-parallel size "
           f"mesh.data*mesh.fsdp = {data * fsdp}", f"use a multiple of {data * fsdp}")
-  for field, size in (("hidden_size", m.hidden_size), ):
-    if size % fsdp:
-      _fail(f"model.{field}", f"{size} is not divisible by mesh.fsdp={fsdp}",
-            f"choose mesh.fsdp dividing {size}")
+  if m.hidden_size % fsdp:
+    _fail("model.hidden_size", f"{m.hidden_size} is not divisible by mesh.fsdp={fsdp}",
+          f"choose mesh.fsdp dividing {m.hidden_size}")
   for field in ("num_heads", "num_kv_heads", "mlp_dim", "vocab_size"):
     if m[field] % tensor:
       _fail(f"model.{field}", f"{m[field]} is not divisible by mesh.tensor={tensor}",
             f"choose mesh.tensor dividing model.{field}, or pad model.{field} to a multiple of {tensor}")
+  e = cfg.eval
+  if e.every_steps < 0 or e.num_batches < 1 or e.batch_size < 0:
+    _fail("eval", f"every_steps={e.every_steps}, num_batches={e.num_batches}, batch_size={e.batch_size}",
+          "use every_steps >= 0, num_batches >= 1, batch_size >= 0")
+  try:
+    eval_steps = [int(x) for x in str(e.loop_steps).split(",")] if str(e.loop_steps).strip() else []
+  except ValueError:
+    eval_steps = [0]
+  if any(x < 1 for x in eval_steps):
+    _fail("eval.loop_steps", f"{e.loop_steps!r} is not a comma-separated list of positive integers", "e.g. 1,2,4,8")
+  if (e.batch_size or t.batch_size) % (data * fsdp):
+    _fail("eval.batch_size", f"{e.batch_size} is not divisible by mesh.data*mesh.fsdp = {data * fsdp}",
+          f"use a multiple of {data * fsdp} (or 0 for train.batch_size)")
+  if not 0 <= e.q_exit <= 1:
+    _fail("eval.q_exit", f"{e.q_exit} is outside [0, 1]", "use a threshold between 0 and 1")
+  from loopjax.data.validate import validate_data  # data sources, weights and vocabulary
+  validate_data(cfg)
   return data, fsdp, tensor

@@ -20,8 +20,9 @@ def exit_log_probs(gate_logits_T: jax.Array) -> jax.Array:
   """log p(t) over the leading T axis (any trailing shape)."""
   log_exit_T = jax.nn.log_sigmoid(gate_logits_T)
   log_stay_T = jax.nn.log_sigmoid(-gate_logits_T)
-  # log S_{t-1} for t = 1..T: exclusive cumulative sum of log(1 - lambda).
-  log_survival_before_T = jnp.cumsum(log_stay_T, axis=0) - log_stay_T
+  # log S_{t-1} for t = 1..T: exclusive cumulative sum of log(1 - lambda), which never reads lambda_T.
+  log_survival_before_T = jnp.concatenate(
+      [jnp.zeros_like(log_stay_T[:1]), jnp.cumsum(log_stay_T[:-1], axis=0)], axis=0)
   log_p_T = log_exit_T + log_survival_before_T
   return log_p_T.at[-1].set(log_survival_before_T[-1])
 
@@ -72,7 +73,7 @@ def stage1_loss(ce_TBS: jax.Array, gate_logits_TBS: jax.Array, loss_mask_BS: jax
   Gradients flow through every step's CE and through the gate. Returns (loss, metrics) where the
   metrics hold per-step CE and exit mass, the mean entropy and the expected exit step.
   """
-  mask_BS = loss_mask_BS.astype(jnp.float32)
+  mask_BS = loss_mask_BS.astype(ce_TBS.dtype)
   log_p_TBS = exit_log_probs(gate_logits_TBS)
   p_TBS = jnp.exp(log_p_TBS)
   expected_ce_BS = jnp.sum(p_TBS * ce_TBS, axis=0)
@@ -106,7 +107,7 @@ def stage2_gate_loss(ce_TBS: jax.Array, gate_logits_TBS: jax.Array, loss_mask_BS
     L   = (1/T) sum_{t=2..T} L_t                 (the paper's 1/T normaliser, though the sum starts at 2)
   """
   ce_TBS = jax.lax.stop_gradient(ce_TBS)
-  mask_BS = loss_mask_BS.astype(jnp.float32)
+  mask_BS = loss_mask_BS.astype(ce_TBS.dtype)
   improvement_TBS = jnp.maximum(0.0, ce_TBS[:-1] - ce_TBS[1:])
   target_continue_TBS = jax.nn.sigmoid(k * (improvement_TBS - gamma))
   # log(1 - lambda) = log_sigmoid(-g) is the log-probability of continuing.

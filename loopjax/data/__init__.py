@@ -33,3 +33,6 @@ def data_vocab_size(data_cfg) -> int:
     else:
       sizes.append(records.read_manifest(name)["tokenizer"]["vocab_size"])
   return max(sizes)
+
+
+from loopjax.data.evaluate import exact_match, exact_match_counts, make_eval_batches  # noqa: E402

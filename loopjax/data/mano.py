@@ -54,7 +54,7 @@ def example(rng: np.random.Generator, num_ops: int) -> dict:
   tokens = [synthetic.BOS, LEN_BASE + num_ops - 1]
   value = _expression(rng, num_ops, tokens)
   tokens += [synthetic.ANS, NUM_BASE + value]
-  return synthetic.document(tokens, num_answer_tokens=1)
+  return synthetic.document(tokens, [len(tokens) - 1])
 
 
 def train_example(seed: int, index: int, max_ops: int) -> dict:

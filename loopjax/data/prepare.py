@@ -139,6 +139,9 @@ def prepare(inputs: list[str], output_dir: str, options: Options = Options(), *,
   manifest_path = os.path.join(output_dir, records.MANIFEST)
   if os.path.exists(manifest_path):
     os.remove(manifest_path)
+  for name in os.listdir(output_dir):  # leftovers of a killed run
+    if ".tmp-" in name and name.startswith(("shard-", records.MANIFEST)):
+      os.remove(os.path.join(output_dir, name))
   jobs = [(path, os.path.join(output_dir, f"shard-{i:05d}.arrayrecord"), options)
           for i, path in enumerate(files)]
   shards = _run_jobs(jobs, num_workers, progress)
@@ -174,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--text_field", default="text", help="JSONL field / Parquet column with the text")
   parser.add_argument("--txt_separator", default=None, help="split .txt files into documents here")
   parser.add_argument("--bos_token", default=None, help="document-start token ('' for none)")
-  parser.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
+  parser.add_argument("--num_workers", type=int, default=0,
+                      help="tokenizer processes (0: in-process; HF tokenizers already use all cores)")
   parser.add_argument("--no_progress", action="store_true")
   args = parser.parse_args(argv)
   options = Options(args.tokenizer, args.text_field, args.txt_separator, args.bos_token)

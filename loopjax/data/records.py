@@ -20,7 +20,11 @@ DONE_SUFFIX = ".done.json"
 
 
 class CorpusError(ValueError):
-  """A prepared corpus that cannot be read; the message names the file and the fix."""
+  """A prepared corpus that cannot be read; says what is wrong (naming the file) and the fix."""
+
+  def __init__(self, problem: str, fix: str):
+    super().__init__(f"{problem}. Fix: {fix}")
+    self.problem, self.fix = problem, fix
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -48,27 +52,27 @@ def write_json_atomic(path: str, obj) -> None:
 def read_manifest(corpus_dir: str) -> dict:
   """The manifest of a prepared corpus, or a CorpusError saying what is wrong and what to run."""
   if not os.path.isdir(corpus_dir):
-    raise CorpusError(f"{corpus_dir!r} is not a directory. Fix: give the output directory of "
-                      "`loopjax prepare`, or a built-in task name (mano, multihop, capo)")
+    raise CorpusError(f"{corpus_dir!r} is neither a directory nor a built-in task",
+                      "give the output directory of `loopjax prepare`, or a task: mano, multihop, capo")
   path = os.path.join(corpus_dir, MANIFEST)
   if not os.path.exists(path):
     raise CorpusError(f"{path} does not exist: {corpus_dir!r} is not a finished prepared corpus "
-                      "(prepare may have been interrupted). Fix: run `loopjax prepare` into it again")
+                      "(prepare may have been interrupted)", "run `loopjax prepare` into it again")
   try:
     with open(path) as f:
       manifest = json.load(f)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise CorpusError(f"{path} is not valid JSON ({e}). Fix: re-run `loopjax prepare`") from e
+    raise CorpusError(f"{path} is not valid JSON ({e})", "re-run `loopjax prepare`") from e
   if manifest.get("format") != FORMAT:
-    raise CorpusError(f"{path} has format {manifest.get('format')!r}, expected {FORMAT!r}. "
-                      "Fix: re-run `loopjax prepare` with this version of loopjax")
+    raise CorpusError(f"{path} has format {manifest.get('format')!r}, expected {FORMAT!r}",
+                      "re-run `loopjax prepare` with this version of loopjax")
   for shard in manifest["shards"]:
     shard_path = os.path.join(corpus_dir, shard["path"])
     if not os.path.exists(shard_path) or os.path.getsize(shard_path) != shard["bytes"]:
-      raise CorpusError(f"shard {shard_path} is missing or has the wrong size. "
-                        "Fix: re-run `loopjax prepare` into the same directory to rebuild it")
+      raise CorpusError(f"shard {shard_path} is missing or has the wrong size",
+                        "re-run `loopjax prepare` into the same directory to rebuild it")
   if manifest["documents"] == 0:
-    raise CorpusError(f"{path} lists no documents. Fix: prepare a corpus with non-empty documents")
+    raise CorpusError(f"{path} lists no documents", "prepare a corpus with non-empty documents")
   return manifest
 
 

@@ -24,13 +24,13 @@ def example_rng(seed: int, stream: int, index: int) -> np.random.Generator:
   return np.random.default_rng([seed, stream, index])
 
 
-def document(tokens, num_answer_tokens: int) -> dict:
-  """A document whose last `num_answer_tokens` tokens are the answer.
+def document(tokens, answer_indices) -> dict:
+  """A document whose tokens at `answer_indices` (indices into tokens, all >= 1) are answers.
 
   Returns {"tokens": int32[n], "answer_mask": float32[n-1]}: answer_mask[j] is 1 where target j
-  (= tokens[j+1]) is part of the answer.
+  (= tokens[j+1]) is an answer token.
   """
   tokens_n = np.asarray(tokens, dtype=np.int32)
   answer_mask = np.zeros(len(tokens_n) - 1, np.float32)
-  answer_mask[len(answer_mask) - num_answer_tokens:] = 1.0
+  answer_mask[np.asarray(answer_indices) - 1] = 1.0
   return {"tokens": tokens_n, "answer_mask": answer_mask}

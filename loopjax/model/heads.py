@@ -1,22 +1,28 @@
 """What reads the hidden state after each loop step: the LM head (logits or its CE) and the exit gate."""
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from loopjax.exits import exit_distribution
+
+from loopjax.model.layers import upcast
 from loopjax.sharding import constrain
 
 
 def token_cross_entropy(logits_BSV: jax.Array, targets_BS: jax.Array) -> jax.Array:
-  """Per-token CE = logsumexp(logits) - logits[target], in float32. Shape [B, S]."""
-  logits_BSV = logits_BSV.astype(jnp.float32)
+  """Per-token CE = logsumexp(logits) - logits[target], in (at least) float32. Shape [B, S]."""
+  logits_BSV = upcast(logits_BSV)
   target_logit_BS = jnp.take_along_axis(logits_BSV, targets_BS[..., None], axis=-1)[..., 0]
   return jax.nn.logsumexp(logits_BSV, axis=-1) - target_logit_BS
 
 
 def lm_logits(h_BSD: jax.Array, kernel_DV: jax.Array) -> jax.Array:
-  """float32 logits [B, S, V] of the LM head."""
-  logits = jnp.einsum("bsd,dv->bsv", h_BSD, kernel_DV.astype(h_BSD.dtype), preferred_element_type=jnp.float32)
+  """Logits [B, S, V] of the LM head, accumulated and returned in (at least) float32."""
+  logits = jnp.einsum("bsd,dv->bsv", h_BSD, kernel_DV.astype(h_BSD.dtype),
+                      preferred_element_type=jnp.promote_types(h_BSD.dtype, jnp.float32))
   return constrain(logits, ("batch", "seq", "act_vocab"))
 
 
@@ -54,5 +60,28 @@ class ExitGate(nnx.Module):
     self.bias = nnx.Param(jnp.zeros((), param_dtype), logical_axes=())
 
   def __call__(self, h_BSD: jax.Array) -> jax.Array:
-    return jnp.einsum("bsd,d->bs", h_BSD.astype(jnp.float32), self.kernel[...].astype(jnp.float32)) + \
-        self.bias[...].astype(jnp.float32)
+    return jnp.einsum("bsd,d->bs", upcast(h_BSD), upcast(self.kernel[...])) + upcast(self.bias[...])
+
+
+class LoopOutput(NamedTuple):
+  step_logits: jax.Array  # [T, B, S, V] float32
+  gate_logits: jax.Array  # [T, B, S] float32, pre-sigmoid
+  exit_probs: jax.Array  # [T, B, S], p(t) of the exit distribution
+
+
+class StepReadouts:
+  """The two calls every model offers, on top of its `run_steps(tokens, read_out, ...)`."""
+
+  def __call__(self, tokens_BS, *, segment_ids_BS=None, positions_BS=None, loop_steps: int | None = None):
+    """Per-step logits, gate logits and exit probabilities (evaluation, import checks)."""
+    logits_TBSV, gate_TBS = self.run_steps(tokens_BS, lm_logits, segment_ids_BS=segment_ids_BS,
+                                           positions_BS=positions_BS, loop_steps=loop_steps)
+    return LoopOutput(logits_TBSV, gate_TBS, exit_distribution(gate_TBS))
+
+  def step_losses(self, tokens_BS, targets_BS, *, segment_ids_BS=None, positions_BS=None,
+                  loop_steps: int | None = None):
+    """(ce_TBS, gate_logits_TBS): every step's per-token next-token CE (logits never kept) and gates."""
+    def read_out(h_BSD, kernel_DV):
+      return lm_cross_entropy(h_BSD, kernel_DV, targets_BS, self.cfg.loss_chunk)
+    return self.run_steps(tokens_BS, read_out, segment_ids_BS=segment_ids_BS, positions_BS=positions_BS,
+                          loop_steps=loop_steps)

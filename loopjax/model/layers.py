@@ -13,38 +13,44 @@ from jax.ad_checkpoint import checkpoint_name
 from loopjax.sharding import constrain
 
 
+def upcast(x: jax.Array) -> jax.Array:
+  """x in at least float32: bf16/f16 go up to f32, float64 (numerical checks) stays float64."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def rms_norm(x_BSD: jax.Array, weight_D: jax.Array, eps: float) -> jax.Array:
   """y = w * x / sqrt(mean(x^2) + eps), computed in float32 and cast back to x's dtype."""
-  x32 = x_BSD.astype(jnp.float32)
+  x32 = upcast(x_BSD)
   y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-  return (weight_D.astype(jnp.float32) * y).astype(x_BSD.dtype)
+  return (upcast(weight_D) * y).astype(x_BSD.dtype)
 
 
 def layer_norm(x_BSD: jax.Array, scale_D: jax.Array, bias_D: jax.Array, eps: float) -> jax.Array:
   """GPT-2 LayerNorm (with bias), in float32."""
-  x32 = x_BSD.astype(jnp.float32)
+  x32 = upcast(x_BSD)
   mean = jnp.mean(x32, axis=-1, keepdims=True)
   var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
   y = (x32 - mean) * jax.lax.rsqrt(var + eps)
-  return (y * scale_D.astype(jnp.float32) + bias_D.astype(jnp.float32)).astype(x_BSD.dtype)
+  return (y * upcast(scale_D) + upcast(bias_D)).astype(x_BSD.dtype)
 
 
-def rope_tables(positions_BS: jax.Array, head_dim: int, base: float) -> tuple[jax.Array, jax.Array]:
-  """cos/sin [B, S, H] for the rotate-half (non-interleaved) RoPE convention.
+def rope_tables(positions_BS: jax.Array, head_dim: int, base: float, dtype=jnp.float32):
+  """cos/sin [B, S, H] for the rotate-half (non-interleaved) RoPE convention, in at least float32.
 
   Computed once per forward and reused by every layer and every loop step.
   """
-  inv_freq = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-  angles_BSh = positions_BS.astype(jnp.float32)[..., None] * inv_freq
+  dtype = jnp.promote_types(dtype, jnp.float32)
+  inv_freq = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=dtype) / head_dim))
+  angles_BSh = positions_BS.astype(dtype)[..., None] * inv_freq
   angles_BSH = jnp.concatenate([angles_BSh, angles_BSh], axis=-1)
   return jnp.cos(angles_BSH), jnp.sin(angles_BSH)
 
 
 def apply_rope(x_BSNH: jax.Array, cos_BSH: jax.Array, sin_BSH: jax.Array) -> jax.Array:
   """x * cos + rotate_half(x) * sin, rotate_half(x) = concat(-x2, x1)."""
-  x1, x2 = jnp.split(x_BSNH.astype(jnp.float32), 2, axis=-1)
+  x1, x2 = jnp.split(upcast(x_BSNH), 2, axis=-1)
   rotated = jnp.concatenate([-x2, x1], axis=-1)
-  out = x_BSNH.astype(jnp.float32) * cos_BSH[:, :, None] + rotated * sin_BSH[:, :, None]
+  out = upcast(x_BSNH) * cos_BSH[:, :, None] + rotated * sin_BSH[:, :, None]
   return out.astype(x_BSNH.dtype)
 
 
@@ -57,6 +63,21 @@ def attention_mask(segment_ids_BS: jax.Array | None) -> jax.Array | None:
   causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))
   # Padding rows (segment 0) still attend to themselves so softmax never sees an empty row.
   return (same_doc & causal)[:, None]
+
+
+def float64_attention(q_BSNH, k_BSKH, v_BSKH, mask_B1SS) -> jax.Array:
+  """Causal softmax attention entirely in the inputs' dtype.
+
+  `jax.nn.dot_product_attention` always takes the softmax in float32; float64 runs (gradient and
+  numerical checks) use this instead so nothing in the model rounds to float32.
+  """
+  B, S, N, H = q_BSNH.shape
+  K = k_BSKH.shape[2]
+  q_BSKGH = q_BSNH.reshape(B, S, K, N // K, H)
+  scores_BKGST = jnp.einsum("bskgh,btkh->bkgst", q_BSKGH, k_BSKH) * H**-0.5
+  allowed = jnp.tril(jnp.ones((S, S), bool)) if mask_B1SS is None else mask_B1SS[:, :, None]
+  weights = jax.nn.softmax(jnp.where(allowed, scores_BKGST, -jnp.inf), axis=-1)
+  return jnp.einsum("bkgst,btkh->bskgh", weights, v_BSKH).reshape(B, S, N, H)
 
 
 def attention(p: dict, x_BSD: jax.Array, cos_BSH, sin_BSH, mask_B1SS, dtype) -> jax.Array:
@@ -74,9 +95,12 @@ def attention(p: dict, x_BSD: jax.Array, cos_BSH, sin_BSH, mask_B1SS, dtype) -> 
   if cos_BSH is not None:
     q_BSNH = apply_rope(q_BSNH, cos_BSH, sin_BSH)
     k_BSKH = apply_rope(k_BSKH, cos_BSH, sin_BSH)
-  out_BSNH = jax.nn.dot_product_attention(
-      q_BSNH, k_BSKH, v_BSKH, mask=mask_B1SS, is_causal=mask_B1SS is None,
-      scale=q_BSNH.shape[-1] ** -0.5)
+  if jnp.dtype(dtype) == jnp.float64:
+    out_BSNH = float64_attention(q_BSNH, k_BSKH, v_BSKH, mask_B1SS)
+  else:
+    out_BSNH = jax.nn.dot_product_attention(
+        q_BSNH, k_BSKH, v_BSKH, mask=mask_B1SS, is_causal=mask_B1SS is None,
+        scale=q_BSNH.shape[-1] ** -0.5)
   out_BSD = jnp.einsum("bsnh,nhd->bsd", out_BSNH, p["wo"].astype(dtype))
   if "bo" in p:
     out_BSD = out_BSD + p["bo"].astype(dtype)

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from loopjax.model import layers
-from loopjax.model.heads import head_param, lm_cross_entropy, lm_logits
-from loopjax.model.looped import LayerStack, LoopOutput
+from loopjax.model.heads import StepReadouts, head_param
+from loopjax.model.looped import LayerStack
 from loopjax.sharding import constrain
 
 GPT2_PARAMS = {
@@ -42,7 +42,7 @@ GPT2_PARAMS = {
 LN_EPS = 1e-5
 
 
-class LoopResidualGPT2(nnx.Module):
+class LoopResidualGPT2(StepReadouts, nnx.Module):
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     self.cfg = cfg
     D, V = cfg.hidden_size, cfg.vocab_size
@@ -66,7 +66,12 @@ class LoopResidualGPT2(nnx.Module):
   def head_kernel(self) -> jax.Array:
     return self.wte[...].T if self.lm_head is None else self.lm_head[...]
 
-  def _final_state(self, tokens_BS, segment_ids_BS, positions_BS, loop_steps):
+  def run_steps(self, tokens_BS, read_out, *, segment_ids_BS=None, positions_BS=None,
+                loop_steps: int | None = None):
+    """Only the final state is read out: (read_out(...) with a leading axis of 1, zero gate logits).
+
+    With one "step", the exit distribution puts all mass on it and the Stage I objective is plain CE.
+    """
     cfg = self.cfg
     cdt = jnp.dtype(cfg.compute_dtype)
     if positions_BS is None:
@@ -85,17 +90,6 @@ class LoopResidualGPT2(nnx.Module):
     block = self.block.stacked()
     x_BSD, _ = jax.lax.scan(lambda x, _: (layers.scan_layers(layer_fn, block, x, cfg.remat), None), x_BSD,
                             length=loop_steps or cfg.loop_steps)
-    x_BSD = run(self.coda, x_BSD)
-    return layers.layer_norm(x_BSD, self.ln_f_scale[...], self.ln_f_bias[...], LN_EPS)
-
-  def __call__(self, tokens_BS, *, segment_ids_BS=None, positions_BS=None, loop_steps: int | None = None):
-    h_BSD = self._final_state(tokens_BS, segment_ids_BS, positions_BS, loop_steps)
-    logits_1BSV = lm_logits(h_BSD, self.head_kernel())[None]
-    ones_1BS = jnp.ones(logits_1BSV.shape[:3], jnp.float32)
-    return LoopOutput(logits_1BSV, jnp.zeros_like(ones_1BS), ones_1BS)
-
-  def step_losses(self, tokens_BS, targets_BS, *, segment_ids_BS=None, positions_BS=None,
-                  loop_steps: int | None = None):
-    h_BSD = self._final_state(tokens_BS, segment_ids_BS, positions_BS, loop_steps)
-    ce_1BS = lm_cross_entropy(h_BSD, self.head_kernel(), targets_BS, self.cfg.loss_chunk)[None]
-    return ce_1BS, jnp.zeros_like(ce_1BS)
+    h_BSD = layers.layer_norm(run(self.coda, x_BSD), self.ln_f_scale[...], self.ln_f_bias[...], LN_EPS)
+    out = jax.tree.map(lambda y: y[None], read_out(h_BSD, self.head_kernel()))
+    return out, jnp.zeros((1, *tokens_BS.shape), jnp.promote_types(cdt, jnp.float32))

@@ -11,15 +11,12 @@ path (`step_losses`) computes each step's cross-entropy inside the loop scan und
 and returns per-token CE [T, B, S]: the T x B x S x V logits are never held at once.
 """
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from loopjax.exits import exit_distribution
 from loopjax.model import layers
-from loopjax.model.heads import ExitGate, head_param, lm_cross_entropy, lm_logits
+from loopjax.model.heads import ExitGate, StepReadouts, head_param
 from loopjax.sharding import constrain
 
 # name -> (shape given dims (D, N, K, H, F), logical axes, init); each gains a leading "layers" axis.
@@ -36,12 +33,6 @@ SANDWICH_PARAMS = {
     "norm_mlp_in": (lambda D, N, K, H, F: (D,), ("norm",), "ones"),
     "norm_mlp_out": (lambda D, N, K, H, F: (D,), ("norm",), "ones"),
 }
-
-
-class LoopOutput(NamedTuple):
-  step_logits: jax.Array  # [T, B, S, V] float32
-  gate_logits: jax.Array  # [T, B, S] float32, pre-sigmoid
-  exit_probs: jax.Array  # [T, B, S], p(t) of the exit distribution
 
 
 def _dtype(name: str):
@@ -66,7 +57,7 @@ class LayerStack(nnx.Module):
 
 
 
-class LoopLM(nnx.Module):
+class LoopLM(StepReadouts, nnx.Module):
   """Ouro LoopLM. `cfg` is the `model` section of a loopjax config."""
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
@@ -86,16 +77,18 @@ class LoopLM(nnx.Module):
     """[D, V]: the untied head, or the embedding's transpose when tied."""
     return self.embed[...].T if self.lm_head is None else self.lm_head[...]
 
-  def _loop(self, tokens_BS, segment_ids_BS, positions_BS, loop_steps, per_step_fn):
-    """Runs the T loop steps; `per_step_fn(h_BSD)` gives each step's output besides the gate."""
+  def run_steps(self, tokens_BS, read_out, *, segment_ids_BS=None, positions_BS=None,
+                loop_steps: int | None = None):
+    """Runs the T loop steps: (read_out(h_BSD, head_kernel_DV) stacked over steps, gate_logits_TBS)."""
     cfg = self.cfg
     cdt = _dtype(cfg.compute_dtype)
     if positions_BS is None:
       positions_BS = jnp.broadcast_to(jnp.arange(tokens_BS.shape[1]), tokens_BS.shape)
-    cos_BSH, sin_BSH = layers.rope_tables(positions_BS, cfg.head_dim, cfg.rope_base)
+    cos_BSH, sin_BSH = layers.rope_tables(positions_BS, cfg.head_dim, cfg.rope_base, cdt)
     mask_B1SS = layers.attention_mask(segment_ids_BS)
     h_BSD = constrain(jnp.take(self.embed[...], tokens_BS, axis=0).astype(cdt), ("batch", "seq", "act_embed"))
     final_norm_D = self.final_norm[...]
+    kernel_DV = self.head_kernel()
     stacked = self.stack.stacked()
 
     def layer_fn(p, x_BSD):
@@ -104,22 +97,7 @@ class LoopLM(nnx.Module):
     def loop_body(h_BSD, _):
       h_BSD = layers.scan_layers(layer_fn, stacked, h_BSD, cfg.remat)
       h_BSD = layers.rms_norm(h_BSD, final_norm_D, cfg.norm_eps)
-      return h_BSD, (per_step_fn(h_BSD), self.exit_gate(h_BSD))
+      return h_BSD, (read_out(h_BSD, kernel_DV), self.exit_gate(h_BSD))
 
-    _, (per_step_T, gate_logits_TBS) = jax.lax.scan(loop_body, h_BSD, length=loop_steps or cfg.loop_steps)
-    return per_step_T, gate_logits_TBS
-
-  def __call__(self, tokens_BS, *, segment_ids_BS=None, positions_BS=None, loop_steps: int | None = None):
-    """Per-step logits, gate logits and exit probabilities (for evaluation and import checks)."""
-    kernel_DV = self.head_kernel()
-    logits_TBSV, gate_TBS = self._loop(tokens_BS, segment_ids_BS, positions_BS, loop_steps,
-                                       lambda h_BSD: lm_logits(h_BSD, kernel_DV))
-    return LoopOutput(logits_TBSV, gate_TBS, exit_distribution(gate_TBS))
-
-  def step_losses(self, tokens_BS, targets_BS, *, segment_ids_BS=None, positions_BS=None,
-                  loop_steps: int | None = None):
-    """(ce_TBS, gate_logits_TBS): per-token next-token CE of every step, and the gate logits."""
-    kernel_DV = self.head_kernel()
-    return self._loop(tokens_BS, segment_ids_BS, positions_BS, loop_steps,
-                      lambda h_BSD: lm_cross_entropy(h_BSD, kernel_DV, targets_BS, self.cfg.loss_chunk))
-
+    _, (per_step, gate_logits_TBS) = jax.lax.scan(loop_body, h_BSD, length=loop_steps or cfg.loop_steps)
+    return per_step, gate_logits_TBS

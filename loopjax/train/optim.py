@@ -42,10 +42,12 @@ def decay_mask(params) -> dict:
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(optim_cfg, total_steps: int, schedule: optax.Schedule | None = None
+                   ) -> optax.GradientTransformation:
+  """AdamW with clipping; `schedule` (a staged recipe's, see loopjax.phases) replaces optim.schedule."""
   o = optim_cfg
   return optax.chain(
       optax.clip_by_global_norm(o.clip_norm),
-      optax.adamw(learning_rate_schedule(o, total_steps), b1=o.b1, b2=o.b2, eps=o.eps,
+      optax.adamw(schedule or learning_rate_schedule(o, total_steps), b1=o.b1, b2=o.b2, eps=o.eps,
                   weight_decay=o.weight_decay, mask=decay_mask),
   )

@@ -19,7 +19,7 @@ from loopjax.model import build_model
 
 class TrainState(NamedTuple):
   step: jax.Array  # int32 scalar: optimizer steps taken
-  params: dict  # pure nested dict of arrays (nnx.State.to_pure_dict layout)
+  params: dict  # pure nested dict of arrays (nnx.to_pure_dict layout)
   opt_state: optax.OptState
 
 
@@ -32,7 +32,7 @@ def model_graph(model_cfg):
 
 def param_specs(model_cfg) -> dict:
   """PartitionSpec of every parameter (a pure dict matching `TrainState.params`)."""
-  return sharding.param_specs(model_graph(model_cfg)[1]).to_pure_dict()
+  return nnx.to_pure_dict(sharding.param_specs(model_graph(model_cfg)[1]))
 
 
 def count_params(model_cfg) -> int:
@@ -42,7 +42,7 @@ def count_params(model_cfg) -> int:
 def init_fn(model_cfg, optimizer: optax.GradientTransformation):
   """A pure function rng -> TrainState."""
   def init(rng: jax.Array) -> TrainState:
-    params = nnx.state(build_model(model_cfg, nnx.Rngs(rng)), nnx.Param).to_pure_dict()
+    params = nnx.to_pure_dict(nnx.state(build_model(model_cfg, nnx.Rngs(rng)), nnx.Param))
     return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
   return init
 

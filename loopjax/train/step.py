@@ -32,17 +32,29 @@ def objective(cfg, graphdef, params, batch: dict, loop_steps: int | None = None)
                            geometric_lambda=o.geometric_lambda)
 
 
-def make_train_step(cfg, graphdef, optimizer: optax.GradientTransformation):
-  """train_step(state, batch) -> (state, metrics): one AdamW update on the Stage I objective."""
-  schedule = learning_rate_schedule(cfg.optim, cfg.train.steps)
+def make_train_step(cfg, graphdef, optimizer: optax.GradientTransformation,
+                    schedule: optax.Schedule | None = None):
+  """train_step(state, batch) -> (state, metrics): one AdamW update on the Stage I objective.
+
+  NaN guard: when the loss or the gradient norm is NaN/Inf the update is dropped (params and
+  opt_state stay as they were, `step` still advances past the batch) and `metrics["nonfinite"]` is 1.
+  One bad batch then cannot poison the weights, whatever `train.nan_policy` tells the loop to do.
+  `schedule` is the optimizer's LR schedule (logged as `lr`); default: the one `cfg.optim` describes.
+  """
+  schedule = schedule or learning_rate_schedule(cfg.optim, cfg.train.steps)
 
   def train_step(state: TrainState, batch: dict):
     loss_fn = lambda params: objective(cfg, graphdef, params, batch)
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads), lr=schedule(state.step),
-                   tokens=jnp.sum(batch["loss_mask"]))
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep_if_bad = lambda new, old: jnp.where(finite, new, old)
+    params = jax.tree.map(keep_if_bad, params, state.params)
+    opt_state = jax.tree.map(keep_if_bad, opt_state, state.opt_state)
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, lr=schedule(state.step),
+                   tokens=jnp.sum(batch["loss_mask"]), nonfinite=1.0 - finite.astype(jnp.float32))
     return TrainState(state.step + 1, params, opt_state), metrics
 
   return train_step

@@ -1,0 +1,252 @@
+"""Pre-flight: compile the real train step for a TPU topology on this host, before renting the pod.
+
+`loopjax compile --config X --topology v5p:4x4x4` builds the run's mesh over libtpu's compile-only
+devices for that topology (no TPU needed, only the `tpu` extra), lowers the same jitted step
+`loopjax train` runs (`make_train_step` + `jit_train_step`, state shardings from the parameters'
+logical axes) on abstract inputs, and compiles it with XLA:TPU. It prints:
+
+  - per-chip memory from `memory_analysis()` (arguments, output, temporaries, code) against the
+    chip's HBM, and whether it fits (the exit code is 1 when it does not);
+  - the loop-aware training FLOPs per step from `metrics.train_flops_per_token`, and the step time
+    and tokens/s at the chips' peak: the 100%-MFU bound, no better.
+
+XLA's `cost_analysis()` is not used: it counts the body of every while loop (each `scan` over loop
+steps and layers) once, so for a looped, scanned model its FLOPs come out tens of times too low.
+"""
+
+import dataclasses
+import math
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+
+from loopjax import config as config_lib
+from loopjax import metrics, sharding
+from loopjax.train import state as state_lib
+from loopjax.train import step as step_lib
+from loopjax.train.optim import make_optimizer
+
+GIB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  kind: str  # key of metrics.PEAK_FLOPS_PER_DEVICE (dense bf16 peak per chip)
+  hbm_bytes: int  # nominal HBM per chip
+  dims: int  # torus dimensions of the topology name (v4/v5p 3-D, v5e/v6e 2-D)
+  cores_per_chip: int  # TensorCores per chip: "v4-128" / "v5p-128" count cores, v5e/v6e count chips
+  chip_config: str  # libtpu chip config: "megacore" makes one JAX device per chip
+
+
+CHIPS = {
+    "v4": Chip("TPU v4", 32 * GIB, 3, 2, "megacore"),
+    "v5e": Chip("TPU v5e", 16 * GIB, 2, 1, "default"),
+    "v5p": Chip("TPU v5p", 95 * GIB, 3, 2, "megacore"),
+    "v6e": Chip("TPU v6e", 32 * GIB, 2, 1, "default"),
+}
+ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6litepod": "v6e"}
+
+# Slice shapes of the accelerator-type names ("v5p-128"), by chip count, as Cloud TPU builds them.
+SHAPES_3D = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4), 128: (4, 4, 8),
+             256: (4, 8, 8), 512: (8, 8, 8), 1024: (8, 8, 16), 2048: (8, 16, 16), 4096: (16, 16, 16)}
+SHAPES_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16), 256: (16, 16)}
+
+
+class TopologyError(ValueError):
+  """A topology name loopjax cannot turn into a libtpu topology; the message gives accepted forms."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+  generation: str  # "v4", "v5e", "v5p", "v6e"
+  shape: tuple[int, ...]  # chips along each torus axis
+
+  @property
+  def chip(self) -> Chip:
+    return CHIPS[self.generation]
+
+  @property
+  def chips(self) -> int:
+    return math.prod(self.shape)
+
+  @property
+  def name(self) -> str:
+    return f"{self.generation}:{'x'.join(map(str, self.shape))}"
+
+  @property
+  def host_bounds(self) -> tuple[int, int, int]:
+    """Chips per host: a 2x2x1 block, except single-host v5e/v6e slices of up to 8 chips."""
+    if self.chip.dims == 2 and self.chips <= 8:
+      return (*self.shape, 1)
+    return tuple(min(b, d) for b, d in zip((2, 2, 1), (*self.shape, 1)))
+
+
+def parse_topology(name: str) -> Topology:
+  """"v5p:4x4x4" (generation:chip grid) or "v5p-128" (Cloud TPU accelerator type) -> Topology."""
+  forms = ("GEN:AxBxC for v4/v5p or GEN:AxB for v5e/v6e (e.g. v5p:4x4x4, v5e:4x4), or an accelerator "
+           "type GEN-N (e.g. v5p-128, v5e-16; N counts TensorCores for v4/v5p, chips for v5e/v6e)")
+  match = re.fullmatch(r"([a-z0-9]+?)(?::([0-9x]+)|-([0-9]+))", name.strip().lower())
+  generation = match and ALIASES.get(match.group(1), match.group(1))
+  if not match or generation not in CHIPS:
+    raise TopologyError(f"--topology={name!r} is not a known TPU topology. Fix: use {forms}; "
+                        f"generations: {', '.join(CHIPS)}")
+  chip = CHIPS[generation]
+  if match.group(2):
+    shape = tuple(int(x) for x in match.group(2).split("x") if x)
+    if len(shape) != chip.dims or min(shape) < 1:
+      raise TopologyError(f"--topology={name!r}: {generation} topologies have {chip.dims} axes. Fix: use {forms}")
+    return Topology(generation, shape)
+  count = int(match.group(3))
+  chips, table = count // chip.cores_per_chip, SHAPES_3D if chip.dims == 3 else SHAPES_2D
+  if count % chip.cores_per_chip or chips not in table:
+    raise TopologyError(f"--topology={name!r}: no standard {generation} slice of that size. Fix: give the "
+                        f"chip grid, e.g. {generation}:{'x'.join(['2'] * chip.dims)}, or one of "
+                        f"{', '.join(f'{generation}-{c * chip.cores_per_chip}' for c in table)}")
+  return Topology(generation, table[chips])
+
+
+def topology_devices(topology: Topology) -> list:
+  """libtpu's compile-only devices for the topology (needs the `tpu` extra, no TPU)."""
+  from jax.experimental import topologies
+  try:
+    desc = topologies.get_topology_desc(platform="tpu", topology_name=topology.name,
+                                        chip_config_name=topology.chip.chip_config,
+                                        chips_per_host_bounds=topology.host_bounds, num_slices=1)
+  except Exception as e:  # jax raises a plain RuntimeError/ValueError when the TPU plugin is missing
+    raise TopologyError(f"cannot describe TPU topology {topology.name} ({e}). Fix: install the TPU "
+                        "compiler with `pip install -e \".[tpu]\"` (libtpu 0.0.42.*)") from e
+  return list(desc.devices)
+
+
+@dataclasses.dataclass
+class Report:
+  topology: Topology
+  devices: int
+  hosts: int
+  mesh_shape: tuple[int, int, int]
+  params: int
+  global_batch: int
+  seq_len: int
+  loop_steps: int
+  num_layers: int
+  compile_seconds: float
+  # per-chip bytes from memory_analysis(); None when XLA refused to compile for lack of memory
+  argument_bytes: int | None = None
+  output_bytes: int | None = None
+  alias_bytes: int | None = None
+  temp_bytes: int | None = None
+  code_bytes: int | None = None
+  oom_message: str = ""  # XLA's out-of-memory error, when compilation itself failed for memory
+
+  @property
+  def total_bytes(self) -> int | None:
+    """HBM a chip needs for the step: arguments + outputs not aliased to donated inputs + temporaries + code."""
+    if self.argument_bytes is None:
+      return None
+    return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
+
+  @property
+  def fits(self) -> bool:
+    return self.total_bytes is not None and self.total_bytes <= self.topology.chip.hbm_bytes
+
+  @property
+  def peak_flops_per_chip(self) -> float:
+    return metrics.PEAK_FLOPS_PER_DEVICE[self.topology.chip.kind]
+
+
+def abstract_inputs(cfg, optimizer, shardings: state_lib.TrainState, mesh) -> tuple:
+  """(state, batch) as ShapeDtypeStructs carrying their shardings: nothing is allocated."""
+  shapes = jax.eval_shape(state_lib.init_fn(cfg.model, optimizer), jax.random.key(0))
+  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
+  rows = (cfg.train.batch_size, cfg.train.seq_len)
+  batch_sharding = sharding.batch_sharding(mesh)
+  batch = {k: jax.ShapeDtypeStruct(rows, jnp.float32 if k == "loss_mask" else jnp.int32, sharding=batch_sharding)
+           for k in step_lib.BATCH_KEYS}
+  return state, batch
+
+
+def run(cfg, topology: Topology) -> Report:
+  """Compiles the train step for `topology` and measures it (raises ConfigError/TopologyError)."""
+  devices = topology_devices(topology)
+  mesh_shape = config_lib.validate(cfg, len(devices))
+  mesh = sharding.make_mesh(mesh_shape, devices=devices)
+  optimizer = make_optimizer(cfg.optim, cfg.train.steps)
+  graphdef, _ = state_lib.model_graph(cfg.model)
+  shardings = state_lib.state_shardings(cfg.model, optimizer, mesh)
+  train_step = step_lib.jit_train_step(step_lib.make_train_step(cfg, graphdef, optimizer), shardings, mesh)
+  report = Report(topology, len(devices), len({d.process_index for d in devices}), mesh_shape,
+                  state_lib.count_params(cfg.model), cfg.train.batch_size, cfg.train.seq_len,
+                  cfg.model.loop_steps, cfg.model.num_layers, 0.0)
+  inputs = abstract_inputs(cfg, optimizer, shardings, mesh)  # outside the mesh: its key lives on the host
+  start = time.perf_counter()
+  with jax.set_mesh(mesh):
+    lowered = train_step.lower(*inputs)
+    try:
+      compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+      if "RESOURCE_EXHAUSTED" not in str(e) and "memory" not in str(e).lower():
+        raise
+      report.oom_message = str(e).strip().splitlines()[0]
+      compiled = None
+  report.compile_seconds = time.perf_counter() - start
+  if compiled is not None:
+    mem = compiled.memory_analysis()
+    report.argument_bytes, report.output_bytes = mem.argument_size_in_bytes, mem.output_size_in_bytes
+    report.alias_bytes, report.temp_bytes = mem.alias_size_in_bytes, mem.temp_size_in_bytes
+    report.code_bytes = mem.generated_code_size_in_bytes
+  return report
+
+
+def _size(n: int) -> str:
+  return f"{n / GIB:8.2f} GiB" if n >= GIB else f"{n / 2**20:8.2f} MiB"
+
+
+def format_report(report: Report, cfg, config_name: str = "") -> str:
+  r, chip = report, report.topology.chip
+  flops_token = metrics.train_flops_per_token(cfg.model, r.seq_len)
+  tokens_step = r.global_batch * r.seq_len
+  flops_step = flops_token * tokens_step
+  peak = r.peak_flops_per_chip * r.devices
+  step_seconds = flops_step / peak
+  lines = [
+      f"loopjax pre-flight: {config_name or 'config'} on {r.topology.name} ({chip.kind}, {r.devices} chips, "
+      f"{r.hosts} host{'s' if r.hosts > 1 else ''})",
+      f"  model            {cfg.model.kind}, {r.params:,} params, L={r.num_layers} x T={r.loop_steps}, "
+      f"seq {r.seq_len}, global batch {r.global_batch} ({r.global_batch / r.devices:g} per chip), "
+      f"{cfg.model.compute_dtype} compute, remat {cfg.model.remat}",
+      f"  mesh             data={r.mesh_shape[0]} fsdp={r.mesh_shape[1]} tensor={r.mesh_shape[2]}",
+      f"  compile          {r.compile_seconds:.1f} s (XLA:TPU ahead of time, on this host)",
+      "per-chip memory (memory_analysis)",
+  ]
+  if r.total_bytes is None:
+    lines += [f"  XLA refused to compile: {r.oom_message}",
+              f"  HBM              {_size(chip.hbm_bytes)}",
+              "  fits             NO"]
+  else:
+    lines += [
+        f"  arguments        {_size(r.argument_bytes)}",
+        f"  output           {_size(r.output_bytes)}  ({_size(r.alias_bytes).strip()} aliased to donated arguments)",
+        f"  temporaries      {_size(r.temp_bytes)}",
+        f"  generated code   {_size(r.code_bytes)}",
+        f"  total            {_size(r.total_bytes)}  of {chip.hbm_bytes / GIB:.0f} GiB HBM "
+        f"({100 * r.total_bytes / chip.hbm_bytes:.1f}%)",
+        f"  fits             {'yes' if r.fits else 'NO'}",
+    ]
+  lines += [
+      "throughput bound at 100% MFU (loop-aware analytic FLOPs; XLA cost_analysis counts a scan body once, unused)",
+      f"  FLOPs/token      {flops_token:.4g}",
+      f"  FLOPs/step       {flops_step:.4g}  ({tokens_step:,} tokens)",
+      f"  peak             {r.peak_flops_per_chip / 1e12:.0f} TFLOP/s per chip (dense bf16) x {r.devices}",
+      f"  ideal step time  {step_seconds:.4g} s",
+      f"  ideal tokens/s   {tokens_step / step_seconds:,.0f}  ({tokens_step / step_seconds / r.devices:,.0f} per chip)",
+  ]
+  return "\n".join(lines)
+
+
+def main(cfg, topology_name: str, config_name: str = "") -> int:
+  """`loopjax compile`: prints the report; 0 if the step fits the chip's HBM, 1 if not."""
+  report = run(cfg, parse_topology(topology_name))
+  print(format_report(report, cfg, config_name), flush=True)
+  return 0 if report.fits else 1

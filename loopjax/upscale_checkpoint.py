@@ -1,0 +1,211 @@
+"""`loopjax upscale`: layer duplication from one Orbax checkpoint to another, one array at a time.
+
+Restoring the model, upscaling and saving would hold input and output in memory together (2.9 GB +
+5.3 GB for Ouro 1.4B -> 2.6B in bfloat16). This module works on the files instead, with tensorstore,
+the library Orbax itself writes them with. loopjax checkpoints (see `loopjax.checkpoint`) hold each
+array item (params, opt_state) as an OCDBT key-value store of zarr arrays named by the dotted tree
+path ("stack.wq", "1.0.mu.stack.wq"), plus small JSON metadata files. For each array:
+
+  not a layer array      its stored chunks are copied byte for byte (no decoding);
+  layer array            read one stored chunk of layers at a time; each output layer drawn from it is
+                         written as its own chunk (chunk shape [1, ...]);
+  moments="reset"        every opt_state array is written as zeros (what `optimizer.init` gives).
+
+So at most one stored input chunk (for an unsharded save, one whole [L, ...] array) plus the layers
+in flight are in memory. The JSON metadata is copied with the changed shapes; the meta item gets the
+new layer count and checksums. The checksum (a uint32 sum of bit patterns) is additive, so the new
+one is the old one plus the duplicated layers' sums, computed from the layers as they stream past;
+the first restore of the result verifies it end to end.
+
+The output appears atomically: it is written under an Orbax-style temporary name and renamed once
+complete, so a killed upscale leaves nothing that looks like a checkpoint.
+"""
+
+import json
+import os
+import shutil
+import time
+
+import numpy as np
+import tensorstore as ts
+
+from loopjax import upscale
+from loopjax.checkpoint import ARRAY_ITEMS, CheckpointError
+
+_U32 = 2**32
+
+
+def _kvstore(item_dir: str) -> dict:
+  return {"driver": "ocdbt", "base": f"file://{os.path.abspath(item_dir)}/"}
+
+
+def _bits_sum(x: np.ndarray) -> int:
+  """The uint32 sum of x's bit patterns (the checkpoint checksum of one array)."""
+  bits = x.astype(np.uint32) if x.dtype == np.bool_ else x.view(f"uint{x.dtype.itemsize * 8}")
+  return int(np.sum(bits, dtype=np.uint32))
+
+
+def _arrays(kv) -> dict[str, list[bytes]]:
+  """Array name -> its stored keys (".zarray" and chunks)."""
+  out = {}
+  for key in kv.list().result():
+    out.setdefault(key.decode().split("/")[0], []).append(key)
+  return out
+
+
+class _ItemWriter:
+  """Streams one array item (params or opt_state) from `src` to `dst`; returns its new checksum."""
+
+  def __init__(self, src: str, dst: str, index: np.ndarray, stack_key: str, zero: bool):
+    self.src, self.dst, self.index, self.stack_key, self.zero = src, dst, index, stack_key, zero
+    self.context = ts.Context()
+    self.kv_in = ts.KvStore.open(_kvstore(src), context=self.context).result()
+    self.kv_out = ts.KvStore.open(_kvstore(dst), context=self.context).result()
+    self.chunk_shapes = {}
+
+  def run(self, old_checksum: int) -> int:
+    delta = 0  # new checksum - old checksum, mod 2**32
+    for name, keys in sorted(_arrays(self.kv_in).items()):
+      is_layers = upscale.is_layer_array(name.split("."), self.stack_key)
+      if is_layers or self.zero:
+        old_sum, new_sum = self._stream(name, is_layers)
+        delta += new_sum - old_sum
+      else:
+        for key in keys:
+          self.kv_out.write(key, self.kv_in.read(key).result().value).result()
+    self._copy_metadata_files()
+    return 0 if self.zero else (old_checksum + delta) % _U32
+
+  def _stream(self, name: str, is_layers: bool) -> tuple[int, int]:
+    """Writes array `name` (layers re-indexed, or zeros); (old, new) checksum of what it streamed."""
+    meta = json.loads(self.kv_in.read(f"{name}/.zarray").result().value)
+    source = ts.open({"driver": "zarr", "kvstore": dict(_kvstore(self.src), path=name)},
+                     context=self.context, read=True).result()
+    scalar = source.rank == 0
+    rows_in = 1 if scalar else source.shape[0]
+    index = self.index if is_layers else np.arange(rows_in)
+    if is_layers:
+      meta = dict(meta, shape=[len(index), *meta["shape"][1:]], chunks=[1, *meta["chunks"][1:]])
+      self.chunk_shapes[name] = meta["chunks"]
+    self.kv_out.write(f"{name}/.zarray", json.dumps(meta).encode()).result()
+    target = ts.open({"driver": "zarr", "kvstore": dict(_kvstore(self.dst), path=name)},
+                     context=self.context, write=True).result()
+    block = 1 if scalar else json.loads(self.kv_in.read(f"{name}/.zarray").result().value)["chunks"][0]
+    old_sum = new_sum = 0
+    for start in range(0, rows_in, block):
+      stop = min(start + block, rows_in)
+      if self.zero:
+        rows = np.zeros((stop - start, *source.shape[1:]), source.dtype.numpy_dtype)
+      else:
+        rows = source.read().result()[None] if scalar else source[start:stop].read().result()
+      sums = [_bits_sum(r) for r in rows]
+      old_sum += sum(sums)
+      wanted = np.flatnonzero((index >= start) & (index < stop))
+      pending = [(target if scalar else target[int(j)]).write(rows[index[j] - start]) for j in wanted]
+      for write in pending:
+        write.result()
+      new_sum += sum(sums[index[j] - start] for j in wanted)
+    return old_sum, new_sum
+
+  def _copy_metadata_files(self):
+    """Orbax's JSON files, with the write shapes of the layer arrays changed to their new chunks."""
+    for root, _, files in os.walk(self.src):
+      rel = os.path.relpath(root, self.src)
+      if rel == "d" or rel.startswith("ocdbt.process_") or rel.startswith("d" + os.sep):
+        continue  # OCDBT data and manifests: written by tensorstore above
+      for f in files:
+        if f == "manifest.ocdbt":
+          continue
+        src, dst = os.path.join(root, f), os.path.join(self.dst, rel, f)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        if f == "_METADATA" or rel.startswith("array_metadatas"):
+          with open(src) as fh:
+            text = json.load(fh)
+          with open(dst, "w") as fh:
+            json.dump(self._with_new_write_shapes(text), fh)
+        else:
+          shutil.copy2(src, dst)
+
+  def _with_new_write_shapes(self, obj):
+    if isinstance(obj, dict):
+      name = obj.get("param_name")
+      if name is None and "key_metadata" in obj:
+        name = ".".join(str(k["key"]) for k in obj["key_metadata"])
+      shape = self.chunk_shapes.get(name)
+      out = {k: self._with_new_write_shapes(v) for k, v in obj.items()}
+      for holder in (out, out.get("value_metadata")):
+        if shape is not None and isinstance(holder, dict):
+          for field in ("write_shape", "chunk_shape"):
+            if field in holder:
+              holder[field] = shape
+      return out
+    if isinstance(obj, list):
+      return [self._with_new_write_shapes(v) for v in obj]
+    return obj
+
+
+def upscale_checkpoint(src_dir: str, dst_dir: str, *, layers: int, mapping="interleave",
+                       moments: str = "duplicate", step: int | None = None) -> dict:
+  """Writes step `step` (default: the newest complete one) of `src_dir`, upscaled, into `dst_dir`.
+
+  Both are checkpoint directories (a run's WORKDIR/checkpoints). Returns a summary dict.
+  """
+  if moments not in upscale.MOMENTS:
+    raise upscale.UpscaleError(f"moments={moments!r} is not one of {upscale.MOMENTS}")
+  # Orbax gives a checkpoint its plain step name only once it is complete (see `loopjax.checkpoint`).
+  complete = sorted(int(d) for d in (os.listdir(src_dir) if os.path.isdir(src_dir) else []) if d.isdigit())
+  if not complete or (step is not None and step not in complete):
+    raise CheckpointError(f"no complete checkpoint {'' if step is None else f'at step {step} '}in {src_dir}. "
+                          "Fix: point --from at a run's checkpoints directory (`loopjax checkpoints WORKDIR`)")
+  step = complete[-1] if step is None else step
+  src = os.path.join(os.path.abspath(src_dir), str(step))
+  final = os.path.join(os.path.abspath(dst_dir), str(step))
+  if os.path.exists(final):
+    raise CheckpointError(f"{final} exists. Fix: choose an empty --to directory")
+  with open(os.path.join(src, "meta", "metadata")) as f:
+    meta = json.load(f)
+  model = meta["config"]["model"]
+  old_layers, stack_key = model["num_layers"], upscale.STACK_KEYS[model["kind"]]
+  index = upscale.layer_index(old_layers, layers, mapping)
+  tmp = f"{final}.orbax-checkpoint-tmp-{time.time_ns()}"
+  os.makedirs(tmp)
+  checksums = dict(meta["checksums"])
+  for item in sorted(os.listdir(src)):
+    if item in ARRAY_ITEMS:
+      writer = _ItemWriter(os.path.join(src, item), os.path.join(tmp, item), index, stack_key,
+                           zero=item == "opt_state" and moments == "reset")
+      checksums[item] = writer.run(checksums[item])
+    elif item != "meta":
+      copy = shutil.copytree if os.path.isdir(os.path.join(src, item)) else shutil.copy2
+      copy(os.path.join(src, item), os.path.join(tmp, item))
+  shutil.copytree(os.path.join(src, "meta"), os.path.join(tmp, "meta"))
+  meta["config"]["model"]["num_layers"] = layers
+  meta.update(checksums=checksums, upscaled_from={"checkpoint": src, "layers": old_layers,
+                                                  "index": index.tolist(), "moments": moments})
+  with open(os.path.join(tmp, "meta", "metadata"), "w") as f:
+    json.dump(meta, f)
+  os.rename(tmp, final)
+  return {"step": step, "from_layers": old_layers, "to_layers": layers, "path": final}
+
+
+def main(argv: list[str]) -> int:
+  """loopjax upscale --from CKPT_DIR --to CKPT_DIR --layers N [--mapping interleave|stack|i,j,...]."""
+  import argparse
+  parser = argparse.ArgumentParser(prog="loopjax upscale", description=__doc__.splitlines()[0])
+  parser.add_argument("--from", dest="src", required=True, help="source checkpoint directory (WORKDIR/checkpoints)")
+  parser.add_argument("--to", dest="dst", required=True, help="output checkpoint directory (a new WORKDIR/checkpoints)")
+  parser.add_argument("--layers", type=int, required=True, help="layer count of the upscaled stack")
+  parser.add_argument("--mapping", default="interleave", help="interleave, stack, or a comma-separated index list")
+  parser.add_argument("--moments", default="duplicate", choices=upscale.MOMENTS,
+                      help="Adam moments: duplicated with their layers, or reset to a fresh optimizer state")
+  parser.add_argument("--step", type=int, default=None, help="the step to upscale (default: the newest)")
+  args = parser.parse_args(argv)
+  try:
+    summary = upscale_checkpoint(args.src, args.dst, layers=args.layers, mapping=args.mapping,
+                                 moments=args.moments, step=args.step)
+  except (upscale.UpscaleError, CheckpointError) as e:
+    print(f"loopjax upscale: {e}", flush=True)
+    return 1
+  print(f"upscaled step {summary['step']}: {summary['from_layers']} -> {summary['to_layers']} layers, "
+        f"written to {summary['path']}", flush=True)
+  return 0

@@ -1,0 +1,197 @@
+"""In-process checkpoint tests on 8 fake CPU devices: mesh-change restore, params-only restore,
+NaN policies (and no NaN on disk), full and unwritable disks. Real Orbax checkpoints in tmp dirs."""
+
+import json
+import os
+import shutil
+import subprocess
+
+import grain
+import jax
+import numpy as np
+import pytest
+from helpers import tiny_config
+
+from loopjax import checkpoint as ck
+from loopjax import sharding
+from loopjax.train import loop
+from loopjax.train import state as state_lib
+
+
+def _cfg(**train):
+  c = tiny_config()
+  c.train.steps = 6
+  c.checkpoint.every_steps = 2
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
+  for key, value in train.items():
+    setattr(c.train, key, value)
+  return c
+
+
+def _shardings_on(cfg, mesh_shape):
+  mesh = sharding.make_mesh(mesh_shape, jax.devices()[: int(np.prod(mesh_shape))])
+  optimizer = loop.make_optimizer(cfg.optim, cfg.train.steps)
+  return state_lib.state_shardings(cfg.model, optimizer, mesh)
+
+
+def _items(state):
+  return {"params": state.params, "opt_state": state.opt_state}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+  """A trained state saved on a (2, 2, 2) mesh, with its host copy."""
+  cfg = _cfg()
+  workdir = str(tmp_path_factory.mktemp("saved"))
+  trainer = loop.setup(cfg)
+  loop.train(cfg, workdir, trainer)
+  directory = os.path.join(workdir, "checkpoints")
+  reader = ck.Checkpointer(directory)
+  restored = reader.restore(6, {"params": trainer.abstract_state.params,
+                                "opt_state": trainer.abstract_state.opt_state})
+  reader.close()
+  return cfg, directory, jax.device_get(restored.items)
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 1, 1), (4, 1, 2), (1, 8, 1)])
+def test_restore_onto_another_mesh_is_identical(saved, mesh_shape):
+  cfg, directory, host = saved
+  shardings = _shardings_on(cfg, mesh_shape)
+  target = {"params": ck.abstract_like(host["params"], shardings.params),
+            "opt_state": ck.abstract_like(host["opt_state"], shardings.opt_state)}
+  reader = ck.Checkpointer(directory, read_only=True)
+  restored = reader.restore(6, target)
+  for a, b, t in zip(jax.tree.leaves(restored.items), jax.tree.leaves(host), jax.tree.leaves(target)):
+    assert a.sharding == t.sharding
+    np.testing.assert_array_equal(np.asarray(a), b)  # bitwise: tolerance 0
+  assert restored.meta["phase"] == "main" and restored.meta["config"]["mesh"]["tensor"] == 2
+  assert len({d.id for a in jax.tree.leaves(restored.items["params"]) for d in a.devices()}) == np.prod(mesh_shape)
+
+
+def test_checkpoint_of_another_config_is_an_error_not_damage(saved):
+  cfg, directory, host = saved
+  other = _cfg()
+  other.model.mlp_dim = 64
+  shardings = _shardings_on(other, (2, 2, 2))
+  abstract = jax.eval_shape(state_lib.init_fn(other.model, loop.make_optimizer(other.optim, 6)), jax.random.key(0))
+  target = {"params": ck.abstract_like(abstract.params, shardings.params),
+            "opt_state": ck.abstract_like(abstract.opt_state, shardings.opt_state)}
+  reader = ck.Checkpointer(directory, read_only=True)
+  with pytest.raises(ck.IncompatibleCheckpointError, match=r"step 6 .* does not fit this config.*w_down"):
+    reader.restore_latest(target)
+  assert reader.all_steps() == [2, 4, 6]  # nothing set aside
+
+
+def test_params_only_restore_as_numpy_and_sharded(saved):
+  cfg, directory, host = saved
+  as_numpy = ck.restore_params(directory)
+  assert as_numpy.step == 6
+  jax.tree.map(np.testing.assert_array_equal, as_numpy.items["params"], host["params"])
+  shardings = _shardings_on(cfg, (1, 1, 1))
+  sharded = ck.restore_params(directory, ck.abstract_like(host["params"], shardings.params), step=4)
+  assert sharded.step == 4
+  assert not all(np.array_equal(a, b) for a, b in
+                 zip(jax.tree.leaves(jax.device_get(sharded.items["params"])), jax.tree.leaves(host["params"])))
+
+
+class _PoisonedIterator(grain.DatasetIterator):
+  """The real batch stream with NaN written into `loss_mask` of the batches at `bad_steps` (1-based)."""
+
+  def __init__(self, parent, bad_steps):
+    super().__init__(parent)
+    self._bad_steps, self._served = set(bad_steps), 0
+
+  def __next__(self):
+    batch = dict(next(self._parent))
+    self._served += 1
+    if self._served in self._bad_steps:
+      batch["loss_mask"] = np.full_like(batch["loss_mask"], np.nan)
+    return batch
+
+  def get_state(self):
+    return {"parent": self._parent.get_state(), "served": self._served}
+
+  def set_state(self, state):
+    self._parent.set_state(state["parent"])
+    self._served = state["served"]
+
+
+def _saved_arrays_finite(directory):
+  for step in ck.Checkpointer(directory, read_only=True).all_steps():
+    arrays = ck.restore_params(directory, step=step).items["params"]
+    assert all(np.isfinite(a).all() for a in jax.tree.leaves(arrays)), step
+
+
+def test_nan_batch_skip_policy_skips_update_and_counts(tmp_path):
+  cfg = _cfg(nan_policy="skip")
+  trainer = loop.setup(cfg)
+  trainer.data_iter = _PoisonedIterator(trainer.data_iter, bad_steps={3})
+  last = loop.train(cfg, str(tmp_path), trainer)
+  assert last["nonfinite_steps"] == 1
+  directory = str(tmp_path / "checkpoints")
+  by_step = {s: ck.restore_params(directory, step=s).items["params"] for s in (2, 4, 6)}
+  # Step 3 left the weights alone; steps 4, 5, 6 trained.
+  assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(by_step[2]), jax.tree.leaves(by_step[4])))
+  lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+  assert [r["nonfinite"] for r in lines] == [0, 0, 1, 0, 0, 0]
+  assert np.isnan(lines[2]["loss"]) and np.isfinite(lines[3]["loss"])
+  _saved_arrays_finite(directory)
+
+
+def test_nan_batch_stop_policy_raises_with_step(tmp_path):
+  cfg = _cfg(nan_policy="stop")
+  trainer = loop.setup(cfg)
+  trainer.data_iter = _PoisonedIterator(trainer.data_iter, bad_steps={3})
+  with pytest.raises(loop.NonFiniteLossError, match=r"step 3: the loss or gradient norm is NaN"):
+    loop.train(cfg, str(tmp_path), trainer)
+  directory = str(tmp_path / "checkpoints")
+  assert ck.Checkpointer(directory, read_only=True).all_steps() == [2]
+  _saved_arrays_finite(directory)
+
+
+def test_nan_params_are_never_checkpointed(tmp_path):
+  cfg = _cfg(nan_policy="skip")
+  trainer = loop.setup(cfg)
+  fresh = trainer.init_state()
+  poisoned = jax.tree.map(lambda x: x * np.nan if x.ndim == 2 else x, fresh.params)
+  trainer.init_state = lambda: fresh._replace(params=poisoned)
+  with pytest.raises(ck.NonFiniteStateError, match="refusing to save the checkpoint of step 2: 'params' holds NaN"):
+    loop.train(cfg, str(tmp_path), trainer)
+  assert ck.Checkpointer(str(tmp_path / "checkpoints"), read_only=True).all_steps() == []
+
+
+def test_unwritable_checkpoint_directory_is_a_clear_error(tmp_path):
+  (tmp_path / "checkpoints").write_text("a file where the directory should be")
+  with pytest.raises(ck.CheckpointError, match="Fix: point --workdir at a writable directory"):
+    ck.Checkpointer(str(tmp_path / "checkpoints"))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 1.5 MiB tmpfs: room for one checkpoint of the tiny model, not three. Needs mount rights."""
+  mount = tmp_path / "disk"
+  mount.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1536k", "tmpfs", str(mount)],
+                    capture_output=True).returncode:
+    pytest.skip("cannot mount a tmpfs here (needs CAP_SYS_ADMIN)")
+  yield str(mount)
+  subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_full_disk_is_a_clear_error_and_keeps_earlier_checkpoints(saved, small_disk):
+  cfg, _, host = saved
+  shardings = _shardings_on(cfg, (2, 2, 2))
+  state = jax.device_put(host, {"params": shardings.params, "opt_state": shardings.opt_state})
+  directory = os.path.join(small_disk, "checkpoints")
+  writer = ck.Checkpointer(directory, keep=10)
+  with pytest.raises(ck.CheckpointError, match="failed.*Earlier checkpoints are untouched. Fix: free disk space"):
+    for step in range(1, 6):
+      writer.save(step, state, meta={"phase": "main"})
+      writer.wait()
+  good = ck.Checkpointer(directory, read_only=True).all_steps()
+  assert good and max(good) < 5
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+  for step in good:
+    restored = ck.Checkpointer(directory, read_only=True).restore(step, target)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.items), host)
+  shutil.rmtree(directory, ignore_errors=True)
