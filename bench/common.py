@@ -107,12 +107,16 @@ class Bench:
 
 
 def time_steps(compiled, state, batch, steps: int):
-  """(state, seconds per step) over `steps` steps, timed end to end with one block at the end."""
-  start = time.perf_counter()
+  """(state, wall s/step, CPU s/step) over `steps` steps, blocking once at the end.
+
+  CPU time is this process's (all threads): on a shared machine it is far less noisy than wall
+  time, which also counts the time our threads wait for a core.
+  """
+  wall, cpu = time.perf_counter(), time.process_time()
   for _ in range(steps):
     state, metrics = compiled(state, batch)
   jax.block_until_ready((state, metrics))
-  return state, (time.perf_counter() - start) / steps
+  return state, (time.perf_counter() - wall) / steps, (time.process_time() - cpu) / steps
 
 
 def median(xs):

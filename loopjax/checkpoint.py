@@ -121,11 +121,11 @@ def abstract_like(tree, shardings) -> object:
 
 
 def _leaf_shapes(tree) -> dict:
-  """Orbax-style dotted leaf name -> (shape, dtype) for arrays, structs or Orbax ArrayMetadata."""
+  """Dotted leaf name -> "shape dtype" of a pytree of arrays or structs (stored in meta at save)."""
   def name(path):
     return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {name(path): (tuple(x.shape), np.dtype(x.dtype).name) for path, x in leaves}
+  return {name(path): f"{tuple(x.shape)} {np.dtype(x.dtype).name}" for path, x in leaves}
 
 
 def _all_processes_agree(ok: bool) -> bool:
@@ -207,7 +207,9 @@ class Checkpointer:
             f"checkpoints in {self.directory} are untouched. Fix: set --config.train.nan_policy=stop to "
             "stop at the first bad step, lower optim.lr, or restart from the last checkpoint")
     args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
-    args["meta"] = ocp.args.JsonSave(dict(meta, step=step, checksums=checksums, saved_at=time.time()))
+    shapes = {name: _leaf_shapes(tree) for name, tree in items.items()}
+    args["meta"] = ocp.args.JsonSave(dict(meta, step=step, checksums=checksums, shapes=shapes,
+                                          saved_at=time.time()))
     if data_iter is not None:
       args["data"] = grain.checkpoint.CheckpointSave(data_iter)
     with self._write_errors(step):
@@ -241,14 +243,14 @@ class Checkpointer:
     The target shardings may describe any mesh: arrays are resharded as they are read. Raises
     CheckpointError when the restored arrays fail the checksum written at save time.
     """
-    metadata = self._manager.item_metadata(step)
+    meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     for name, tree in abstract_items.items():
-      saved, wanted = _leaf_shapes(metadata[name]), _leaf_shapes(tree)
+      saved, wanted = meta["shapes"][name], _leaf_shapes(tree)
       if saved != wanted:
         diff = sorted(set(saved.items()) ^ set(wanted.items()))[:4]
         raise IncompatibleCheckpointError(
             f"checkpoint step {step} in {self.directory} does not fit this config: '{name}' differs in "
-            f"(leaf, (shape, dtype)) {diff}. Fix: resume with the config stored in the checkpoint "
+            f"(leaf, shape dtype) {diff}. Fix: resume with the config stored in the checkpoint "
             f"({self.directory}/{step}/meta/metadata) or start in a new --workdir")
     args = {name: ocp.args.StandardRestore(tree) for name, tree in abstract_items.items()}
     args["meta"] = ocp.args.JsonRestore()
@@ -292,6 +294,18 @@ class Checkpointer:
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"loopjax_set_aside_{step}")
     self._manager.reload()
+
+
+def read_meta(directory: str, step: int | None = None) -> tuple[int, dict]:
+  """(step, metadata: phase, resolved config, ...) of the newest (or `step`) checkpoint; reads no arrays."""
+  manager = ocp.CheckpointManager(epath.Path(os.path.abspath(directory)),
+                                  options=ocp.CheckpointManagerOptions(read_only=True), item_handlers=_handlers())
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise CheckpointError(f"no complete checkpoint in {directory}. Fix: train first, or check the path")
+  meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  manager.close()
+  return step, meta
 
 
 def restore_params(directory: str, abstract_params=None, step: int | None = None) -> Restored:

@@ -27,6 +27,11 @@ def _define_run_flags():
   flags.DEFINE_string("compile_cache", "~/.cache/loopjax/xla",
                       "persistent XLA compilation cache directory ('' disables it)")
   flags.DEFINE_string("topology", None, "TPU topology for `loopjax compile`, e.g. v5p:4x4x4 or v5p-128")
+  flags.DEFINE_string("checkpoint", None, "`loopjax eval`: a workdir or its checkpoints directory")
+  flags.DEFINE_integer("step", None, "`loopjax eval`: the checkpoint step (default: the newest)")
+  flags.DEFINE_string("data", "", "`loopjax eval`: held-out data (a task or corpus dirs); default: the run's")
+  flags.DEFINE_string("loop_steps", "", "`loopjax eval`: loop counts to evaluate at, e.g. 1,2,4,8")
+  flags.DEFINE_string("output", "", "`loopjax eval`: also append the results as a JSON line to this file")
   from loopjax import distributed
   distributed.define_flags()  # --coordinator, --num_processes, --process_id, --local_devices, ...
 
@@ -91,6 +96,30 @@ def compile(argv):
 
 
 @command
+def eval(argv):  # noqa: A001 - the subcommand's name
+  """Evaluate a checkpoint at one or more loop counts: loopjax eval --checkpoint WORKDIR [--data X]."""
+  del argv
+  _require("checkpoint")
+  import json
+  import os
+
+  import jax
+
+  from loopjax import evaluation
+  _enable_compile_cache(FLAGS.compile_cache)
+  path = FLAGS.checkpoint
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    path = os.path.join(path, "checkpoints")
+  step, results = evaluation.evaluate_checkpoint(path, step=FLAGS.step, source=FLAGS.data,
+                                                 loop_steps=FLAGS.loop_steps)
+  if jax.process_index() == 0:
+    print(f"checkpoint step {step} in {path}\n{evaluation.format_table(results)}")
+    if FLAGS.output:
+      with open(FLAGS.output, "a") as f:
+        f.write(json.dumps({"step": step, **results}) + "\n")
+
+
+@command
 def params(argv):
   """Print the parameter count of a config: loopjax params --config configs/ouro_1p4b.py."""
   del argv
@@ -124,7 +153,21 @@ def main():
   if name in PLAIN_COMMANDS:
     sys.exit(PLAIN_COMMANDS[name](argv))
   _define_run_flags()
-  app.run(COMMANDS[name], argv=[f"loopjax {name}"] + argv)
+  app.run(_with_clear_errors(COMMANDS[name]), argv=[f"loopjax {name}"] + argv)
+
+
+def _with_clear_errors(fn):
+  """A bad config, checkpoint or data file ends the command with its one-line message, not a traceback."""
+  def run(argv):
+    from loopjax.checkpoint import CheckpointError
+    from loopjax.config import ConfigError
+    from loopjax.data.records import CorpusError
+    try:
+      return fn(argv)
+    except (ConfigError, CheckpointError, CorpusError) as error:
+      print(f"loopjax {fn.__name__}: {error}", file=sys.stderr)
+      sys.exit(2)
+  return run
 
 
 if __name__ == "__main__":

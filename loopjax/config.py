@@ -123,6 +123,10 @@ def default_config() -> ml_collections.ConfigDict:
   e.seed = 1  # which held-out batches
   e.q_exit = 0.5  # Q-exit threshold for the exit-selected exact-match accuracy
 
+  # Staged recipe: a tuple of `loopjax.phases.phase(...)` run in order by one `loopjax train` (see
+  # configs/ouro_recipe.py). Empty: one phase, the config as it is.
+  c.phases = ()
+
   c.mesh = ms = ml_collections.ConfigDict()
   ms.data = -1  # -1 takes whatever devices the other axes leave
   ms.fsdp = 1
@@ -140,6 +144,24 @@ def load_config_file(path: str, relative_to: str | None = None) -> ml_collection
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
+
+
+def config_from_dict(values: dict) -> ml_collections.ConfigDict:
+  """The defaults updated with a nested dict (e.g. the resolved config saved in a checkpoint)."""
+  cfg = default_config()
+
+  def update(section, updates, prefix):
+    for key, value in updates.items():
+      if key not in section:
+        raise ConfigError(f"config.{prefix}{key}: unknown key in the saved config. Fix: use a loopjax version "
+                          "that knows it, or pass --config explicitly")
+      if isinstance(value, dict):
+        update(section[key], value, f"{prefix}{key}.")
+      else:
+        section[key] = value
+
+  update(cfg, values, "")
+  return cfg
 
 
 def _fail(field: str, problem: str, fix: str):
@@ -261,4 +283,7 @@ def validate(cfg, num_devices: int) -> tuple[int, int, int]:
     _fail("eval.q_exit", f"{e.q_exit} is outside [0, 1]", "use a threshold between 0 and 1")
   from loopjax.data.validate import validate_data  # data sources, weights and vocabulary
   validate_data(cfg)
+  if cfg.phases:
+    from loopjax import phases  # every phase's derived config goes through the checks above
+    phases.plan(cfg, num_devices)
   return data, fsdp, tensor

@@ -21,7 +21,6 @@ import dataclasses
 import logging
 import os
 import socket
-import sys
 import threading
 
 import jax
@@ -183,8 +182,9 @@ def _join(settings: Settings, args: dict):
         f"(process 0's host and a free port, reachable from this host through any firewall), the same "
         f"num_processes, and each process_id in 0..num_processes-1 exactly once; process 0 hosts the "
         f"coordinator, so it must be running. If hosts start slowly, raise --initialization_timeout.")
-    log.error(message)
-    print(message, file=sys.stderr, flush=True)
+    log.error(message)  # to stderr: absl's handler, or logging's last-resort handler without one
+    for handler in logging.getLogger().handlers:
+      handler.flush()
     os._exit(EXIT_CANNOT_JOIN)
 
   watchdog = threading.Timer(timeout, give_up)

@@ -17,12 +17,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
 
+from loopjax import checkpoint
+from loopjax import config as config_lib
 from loopjax import data as data_lib
 from loopjax import exits, sharding
 from loopjax.data import evaluate as task_eval
 from loopjax.data import pipeline, tasks
 from loopjax.model.heads import lm_logits, token_cross_entropy
+from loopjax.train import state as state_lib
 
 EVAL_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
@@ -89,35 +93,70 @@ def make_eval_step(cfg, graphdef, loop_steps: int):
   return eval_step
 
 
-def evaluate(cfg, graphdef, params, mesh, batches: list[dict]) -> dict:
-  """Flat metrics {"eval_T{T}/<name>": value or per-step list} over all `batches`, for every T."""
-  results = {}
-  score = is_task(cfg)
-  with jax.set_mesh(mesh):
-    global_batches = [to_global(b, mesh) for b in batches]
-    for loop_steps in eval_loop_steps(cfg):
-      step = jax.jit(make_eval_step(cfg, graphdef, loop_steps))
-      totals, correct_T, correct_exit, questions = None, np.zeros(loop_steps), 0, 0
-      for batch, global_batch in zip(batches, global_batches):
-        sums, pred_TBS, pred_exit_BS = step(params, global_batch)
-        sums = jax.device_get(sums)
-        totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
-        if score:
-          pred_TBS, pred_exit_BS = (np.asarray(multihost_utils.process_allgather(x, tiled=True))
-                                    for x in (pred_TBS, pred_exit_BS))
-          for t in range(loop_steps):
-            correct_T[t] += task_eval.exact_match_counts(pred_TBS[t], batch)[0]
-          correct, total = task_eval.exact_match_counts(pred_exit_BS, batch)
-          correct_exit, questions = correct_exit + correct, questions + total
-      tokens = max(float(totals.pop("tokens")), 1.0)
-      prefix = f"eval_T{loop_steps}/"
-      for name, value in totals.items():
-        mean = np.asarray(value) / tokens
-        results[prefix + name] = mean.tolist() if mean.ndim else float(mean)
-      if score:
-        results[prefix + "exact_match_per_step"] = (correct_T / max(questions, 1)).tolist()
-        results[prefix + "exact_match_q_exit"] = correct_exit / max(questions, 1)
-  return results
+class Evaluator:
+  """Held-out batches placed on the mesh and one jitted eval step per T, built once per run."""
+
+  def __init__(self, cfg, graphdef, mesh, batches: list[dict] | None = None):
+    self.cfg, self.mesh = cfg, mesh
+    self.batches = eval_batches(cfg) if batches is None else batches
+    self.score = is_task(cfg)
+    with jax.set_mesh(mesh):
+      self.global_batches = [to_global(b, mesh) for b in self.batches]
+    self.steps = {T: jax.jit(make_eval_step(cfg, graphdef, T)) for T in eval_loop_steps(cfg)}
+
+  def __call__(self, params) -> dict:
+    """Flat metrics {"eval_T{T}/<name>": value or per-step list} over all batches, for every T."""
+    results = {}
+    with jax.set_mesh(self.mesh):
+      for loop_steps, step in self.steps.items():
+        results.update(self._evaluate(params, loop_steps, step))
+    return results
+
+  def _evaluate(self, params, loop_steps: int, step) -> dict:
+    totals, correct_T, correct_exit, questions = None, np.zeros(loop_steps), 0, 0
+    for batch, global_batch in zip(self.batches, self.global_batches):
+      sums, pred_TBS, pred_exit_BS = step(params, global_batch)
+      sums = jax.device_get(sums)
+      totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+      if self.score:
+        pred_TBS, pred_exit_BS = (np.asarray(multihost_utils.process_allgather(x, tiled=True))
+                                  for x in (pred_TBS, pred_exit_BS))
+        for t in range(loop_steps):
+          correct_T[t] += task_eval.exact_match_counts(pred_TBS[t], batch)[0]
+        correct, total = task_eval.exact_match_counts(pred_exit_BS, batch)
+        correct_exit, questions = correct_exit + correct, questions + total
+    tokens = max(float(totals.pop("tokens")), 1.0)
+    prefix = f"eval_T{loop_steps}/"
+    results = {}
+    for name, value in totals.items():
+      mean = np.asarray(value) / tokens
+      results[prefix + name] = mean.tolist() if mean.ndim else float(mean)
+    if self.score:
+      results[prefix + "exact_match_per_step"] = (correct_T / max(questions, 1)).tolist()
+      results[prefix + "exact_match_q_exit"] = correct_exit / max(questions, 1)
+    return results
+
+
+def evaluate_checkpoint(checkpoint_dir: str, *, step: int | None = None, source: str = "",
+                        loop_steps: str = "") -> tuple[int, dict]:
+  """(step, results) for the parameters of a checkpoint, with the run's own saved config.
+
+  `source` and `loop_steps` override eval.source and eval.loop_steps. Parameters are restored onto
+  a data-parallel mesh over all devices.
+  """
+  step, meta = checkpoint.read_meta(checkpoint_dir, step)
+  cfg = config_lib.config_from_dict(meta["config"])
+  if source:
+    cfg.eval.source = source
+  if loop_steps:
+    cfg.eval.loop_steps = loop_steps
+  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = -1, 1, 1
+  mesh = sharding.make_mesh(config_lib.validate(cfg, jax.device_count()))
+  graphdef, abstract = state_lib.model_graph(cfg.model)
+  target = jax.tree.map(lambda a, spec: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, spec)),
+                        nnx.to_pure_dict(abstract), state_lib.param_specs(cfg.model))
+  restored = checkpoint.restore_params(checkpoint_dir, target, step=step)
+  return restored.step, Evaluator(cfg, graphdef, mesh)(restored.items["params"])
 
 
 def format_table(results: dict) -> str:

@@ -5,8 +5,9 @@ A recipe is an ordered tuple of phases (Ouro's 1a, 1b, 2, 3, 4; SPEC section 3),
 value (the first phase: the base config's). Its length (`steps` or `tokens`), `warmup_steps`,
 `lr_shape`, `optimizer_on_entry` and `upscale` describe that phase alone.
 
-The plan is a list of `Segment`s: runs of steps whose compiled shapes are fixed. A phase is one
-segment, or several when its batch ramps up (the ramp goes up in `batch_ramp_stages` equal increments,
+The plan is the list of `Phase`s, each made of `Segment`s: runs of steps whose compiled shapes are
+fixed, each with its derived single-phase config. A phase is one segment, or several when its batch
+ramps up (the ramp goes up in `batch_ramp_stages` equal increments,
 so each batch size compiles once). Steps are counted globally across phases, so the LR schedule is one
 function of the step (`schedule`) and the optimizer never changes between phases.
 
@@ -27,10 +28,10 @@ from loopjax import upscale
 LR_SHAPES = ("constant", "cosine", "linear")
 OBJECTIVES = ("lm", "gate")
 ON_ENTRY = ("keep", "reset")
-# Fields that keep the previous phase's value when unset (0, -1 or ""), and where the base config has them.
-INHERITED = {"batch_tokens": None, "seq_len": ("train", "seq_len"),
-             "loop_steps": ("model", "loop_steps"), "beta": ("objective", "beta"),
-             "rope_base": ("model", "rope_base"), "data_weights": ("data", "weights")}
+# Fields that keep the previous phase's value when unset: where the base config has them, and "unset".
+INHERITED = {"batch_tokens": (None, 0), "seq_len": (("train", "seq_len"), 0),
+             "loop_steps": (("model", "loop_steps"), 0), "beta": (("objective", "beta"), -1.0),
+             "rope_base": (("model", "rope_base"), 0.0), "data_weights": (("data", "weights"), "")}
 
 
 def phase(**fields) -> ml_collections.ConfigDict:
@@ -84,7 +85,7 @@ class Phase:
 
 
 class Plan(list):
-  """The phases in order; `total_steps`, `schedule`, `phase_at(step)`."""
+  """The phases in order, with `total_steps` and `phase_at(step)`."""
 
   @property
   def total_steps(self) -> int:
@@ -103,9 +104,8 @@ def _segment(cfg, i: int, name: str, start: int, end: int, rows: int, values: di
              unit: int, num_devices: int) -> Segment:
   """The segment with its derived config, validated like any single-phase config."""
   d = cfg.copy_and_resolve_references()
-  with d.unlocked():
-    d.phases = ()
-  for key, where in INHERITED.items():
+  d.phases = ()
+  for key, (where, _) in INHERITED.items():
     if where is not None:
       d[where[0]][where[1]] = values[key]
   d.model.num_layers, d.train.batch_size, d.checkpoint.phase = layers, rows, name
@@ -180,16 +180,19 @@ def plan(cfg, num_devices: int) -> Plan:
                                  "out for a single-phase run.")
   names = [p.name for p in cfg.phases]
   values = {key: (cfg[w[0]][w[1]] if w else cfg.train.batch_size * cfg.train.seq_len)
-            for key, w in INHERITED.items()}
+            for key, (w, _) in INHERITED.items()}
   data, fsdp, _ = config_lib.resolve_mesh_shape(cfg.mesh, num_devices)
   layers, step, lr, phases = cfg.model.num_layers, 0, cfg.optim.lr, Plan()
   for i, p in enumerate(cfg.phases):
     if not p.name or "/" in p.name or names.count(p.name) > 1:
       _fail(i, p.name, "name", f"{p.name!r} is empty, has a '/' or is used twice", "give each phase a unique name")
-    values.update({key: p[key] for key in INHERITED if p[key] not in (0, -1, "")})
+    values.update({key: p[key] for key, (_, unset) in INHERITED.items() if p[key] != unset})
     lr = p.lr or lr
     _check_phase(i, p, values, lr)
     layers_before = layers
+    if p.upscale.layers and i == 0:
+      _fail(i, p.name, "upscale", "the first phase starts from a fresh model, there is nothing to upscale",
+            "set model.num_layers to the size you want, or upscale on entry to a later phase")
     if p.upscale.layers:
       try:
         upscale.layer_index(layers, p.upscale.layers, p.upscale.mapping)

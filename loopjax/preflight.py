@@ -15,7 +15,9 @@ steps and layers) once, so for a looped, scanned model its FLOPs come out tens o
 """
 
 import dataclasses
+import importlib.util
 import math
+import os
 import re
 import time
 
@@ -109,14 +111,16 @@ def parse_topology(name: str) -> Topology:
 
 def topology_devices(topology: Topology) -> list:
   """libtpu's compile-only devices for the topology (needs the `tpu` extra, no TPU)."""
+  if importlib.util.find_spec("libtpu") is None:
+    raise TopologyError(f"cannot describe TPU topology {topology.name}: libtpu is not installed. Fix: "
+                        "install the TPU compiler with `pip install -e \".[tpu]\"` (libtpu 0.0.42.*)")
+  # libtpu locks /tmp/libtpu_lockfile so that one process owns the TPU chips; compiling ahead of
+  # time touches no chip, so several pre-flights (or a pre-flight beside a CPU run) may share it.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies
-  try:
-    desc = topologies.get_topology_desc(platform="tpu", topology_name=topology.name,
-                                        chip_config_name=topology.chip.chip_config,
-                                        chips_per_host_bounds=topology.host_bounds, num_slices=1)
-  except Exception as e:  # jax raises a plain RuntimeError/ValueError when the TPU plugin is missing
-    raise TopologyError(f"cannot describe TPU topology {topology.name} ({e}). Fix: install the TPU "
-                        "compiler with `pip install -e \".[tpu]\"` (libtpu 0.0.42.*)") from e
+  desc = topologies.get_topology_desc(platform="tpu", topology_name=topology.name,
+                                      chip_config_name=topology.chip.chip_config,
+                                      chips_per_host_bounds=topology.host_bounds, num_slices=1)
   return list(desc.devices)
 
 
@@ -186,7 +190,7 @@ def run(cfg, topology: Topology) -> Report:
     try:
       compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:
-      if "RESOURCE_EXHAUSTED" not in str(e) and "memory" not in str(e).lower():
+      if "RESOURCE_EXHAUSTED" not in str(e):  # XLA:TPU's "ran out of memory" at compile time
         raise
       report.oom_message = str(e).strip().splitlines()[0]
       compiled = None
@@ -234,6 +238,9 @@ def format_report(report: Report, cfg, config_name: str = "") -> str:
         f"({100 * r.total_bytes / chip.hbm_bytes:.1f}%)",
         f"  fits             {'yes' if r.fits else 'NO'}",
     ]
+  if not r.fits:
+    lines.append("  fix              Fix: shard the state over more chips (a larger topology, or mesh.fsdp), "
+                 "fewer sequences per chip (train.batch_size), or remat more (model.remat)")
   lines += [
       "throughput bound at 100% MFU (loop-aware analytic FLOPs; XLA cost_analysis counts a scan body once, unused)",
       f"  FLOPs/token      {flops_token:.4g}",

@@ -70,13 +70,6 @@ def param_specs(state: nnx.State) -> nnx.State:
   return jax.tree.map(lambda v: logical_to_spec(getattr(v, "logical_axes", None)), state, is_leaf=_is_variable)
 
 
-def shardings_for(tree, mesh: Mesh, spec_tree=None):
-  """NamedShardings for a pytree: from `spec_tree` if given, else everything replicated."""
-  if spec_tree is None:
-    return jax.tree.map(lambda _: NamedSharding(mesh, P()), tree)
-  return jax.tree.map(lambda s: NamedSharding(mesh, s), spec_tree, is_leaf=lambda s: isinstance(s, P))
-
-
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Sharding of a [batch, seq] input array."""
   return NamedSharding(mesh, logical_to_spec(("batch", "seq")))

@@ -21,6 +21,7 @@ The output appears atomically: it is written under an Orbax-style temporary name
 complete, so a killed upscale leaves nothing that looks like a checkpoint.
 """
 
+import ast
 import json
 import os
 import shutil
@@ -82,7 +83,7 @@ class _ItemWriter:
     source = ts.open({"driver": "zarr", "kvstore": dict(_kvstore(self.src), path=name)},
                      context=self.context, read=True).result()
     scalar = source.rank == 0
-    rows_in = 1 if scalar else source.shape[0]
+    rows_in, block = (1, 1) if scalar else (source.shape[0], meta["chunks"][0])  # read a stored chunk at once
     index = self.index if is_layers else np.arange(rows_in)
     if is_layers:
       meta = dict(meta, shape=[len(index), *meta["shape"][1:]], chunks=[1, *meta["chunks"][1:]])
@@ -90,7 +91,6 @@ class _ItemWriter:
     self.kv_out.write(f"{name}/.zarray", json.dumps(meta).encode()).result()
     target = ts.open({"driver": "zarr", "kvstore": dict(_kvstore(self.dst), path=name)},
                      context=self.context, write=True).result()
-    block = 1 if scalar else json.loads(self.kv_in.read(f"{name}/.zarray").result().value)["chunks"][0]
     old_sum = new_sum = 0
     for start in range(0, rows_in, block):
       stop = min(start + block, rows_in)
@@ -180,6 +180,11 @@ def upscale_checkpoint(src_dir: str, dst_dir: str, *, layers: int, mapping="inte
       copy(os.path.join(src, item), os.path.join(tmp, item))
   shutil.copytree(os.path.join(src, "meta"), os.path.join(tmp, "meta"))
   meta["config"]["model"]["num_layers"] = layers
+  for item_shapes in meta.get("shapes", {}).values():  # "(L, ...) dtype" per leaf, checked on restore
+    for name, text in item_shapes.items():
+      if upscale.is_layer_array(name.split("."), stack_key):
+        shape, dtype = text.rsplit(" ", 1)
+        item_shapes[name] = f"{(layers, *ast.literal_eval(shape)[1:])} {dtype}"
   meta.update(checksums=checksums, upscaled_from={"checkpoint": src, "layers": old_layers,
                                                   "index": index.tolist(), "moments": moments})
   with open(os.path.join(tmp, "meta", "metadata"), "w") as f:

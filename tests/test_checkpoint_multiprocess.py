@@ -28,15 +28,14 @@ def _start(workdir: str) -> list[subprocess.Popen]:
   procs = []
   for i in range(2):
     log = open(f"{workdir}.p{i}.log", "a")
-    args = [a for a in ts.command(workdir, *MESH)[2:]]
+    args = ts.command(workdir, *MESH)[2:]
     procs.append(subprocess.Popen([sys.executable, SCRIPT, str(i), "2", str(port), *args], cwd=ts.REPO,
                                   stdout=log, stderr=subprocess.STDOUT))
   return procs
 
 
-def _wait(procs, workdir, timeout=300) -> list[int]:
-  codes = [p.wait(timeout=timeout) for p in procs]
-  return codes
+def _wait(procs, timeout=300) -> list[int]:
+  return [p.wait(timeout=timeout) for p in procs]
 
 
 def _out(workdir, i):
@@ -47,7 +46,7 @@ def _out(workdir, i):
 def test_two_processes_preempted_resume_with_identical_losses(tmp_path):
   reference = str(tmp_path / "reference")
   os.makedirs(reference)
-  assert _wait(_start(reference), reference) == [0, 0], _out(reference, 0)[-3000:] + _out(reference, 1)[-3000:]
+  assert _wait(_start(reference)) == [0, 0], _out(reference, 0)[-3000:] + _out(reference, 1)[-3000:]
   assert [s for s, _ in ts.losses(reference)] == list(range(1, ts.STEPS + 1))
 
   workdir = str(tmp_path / "run")
@@ -55,13 +54,13 @@ def test_two_processes_preempted_resume_with_identical_losses(tmp_path):
   procs = _start(workdir)
   ts.wait_until(lambda: len(ts.logged(workdir)) >= 3, procs[0], timeout=240)
   procs[1].send_signal(signal.SIGTERM)  # only one process is told; JAX's sync point tells the other
-  assert _wait(procs, workdir) == [0, 0], _out(workdir, 0)[-3000:] + _out(workdir, 1)[-3000:]
+  assert _wait(procs) == [0, 0], _out(workdir, 0)[-3000:] + _out(workdir, 1)[-3000:]
   saved = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
   assert len(saved) == 1 and saved[0] < ts.STEPS, saved
   for i in range(2):
     assert f"preempted: saved step {saved[0]}" in _out(workdir, i)
 
-  assert _wait(_start(workdir), workdir) == [0, 0], _out(workdir, 0)[-3000:]
+  assert _wait(_start(workdir)) == [0, 0], _out(workdir, 0)[-3000:]
   for i in range(2):
     assert f"resumed from checkpoint step {saved[0]}" in _out(workdir, i)
   assert ts.losses(workdir) == ts.losses(reference)

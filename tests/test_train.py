@@ -20,21 +20,22 @@ def run(tmp_path_factory):
   cfg.train.steps, cfg.train.batch_size, cfg.train.seq_len, cfg.train.log_every = 30, 8, 64, 5
   cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.decay_steps = 3e-3, 5, 5
   cfg.data.loss_on = "all"
+  cfg.eval.every_steps, cfg.eval.loop_steps, cfg.eval.num_batches = 15, "2,4", 1
   workdir = str(tmp_path_factory.mktemp("train"))
   train(cfg, workdir)
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f]
-  return cfg, workdir, rows
+  return cfg, workdir, [r for r in rows if "loss" in r], [r for r in rows if "eval_T4/loss" in r]
 
 
 def test_loss_falls_over_30_steps(run):
-  _, _, rows = run
+  _, _, rows, _ = run
   assert [r["step"] for r in rows] == [5, 10, 15, 20, 25, 30]
   assert rows[-1]["loss"] < rows[0]["loss"] - 0.5, [r["loss"] for r in rows]
 
 
 def test_metrics_rows_hold_every_key_with_one_value_per_loop_step(run):
-  cfg, _, rows = run
+  cfg, _, rows, _ = run
   for row in rows:
     assert METRIC_KEYS <= set(row)
     assert len(row["ce_per_step"]) == len(row["exit_probs"]) == cfg.model.loop_steps
@@ -45,7 +46,7 @@ def test_metrics_rows_hold_every_key_with_one_value_per_loop_step(run):
 
 def test_tensorboard_events_hold_the_scalars(run):
   from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-  _, workdir, rows = run
+  _, workdir, rows, _ = run
   files = glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
   assert files
   events = EventAccumulator(os.path.dirname(files[0]))
@@ -54,3 +55,32 @@ def test_tensorboard_events_hold_the_scalars(run):
   assert [s for s, _ in losses] == [r["step"] for r in rows]
   assert losses[-1][1] == pytest.approx(rows[-1]["loss"], rel=1e-6)
   assert "ce_per_step/4" in events.Tags()["scalars"]
+
+
+def test_periodic_evaluation_at_two_loop_counts(run):
+  _, workdir, rows, eval_rows = run
+  assert [r["step"] for r in eval_rows] == [15, 30]
+  for r in eval_rows:
+    assert len(r["eval_T2/ce_per_step"]) == 2 and len(r["eval_T4/exact_match_per_step"]) == 4
+    assert 0 <= r["eval_T4/exact_match_q_exit"] <= 1
+  # The held-out loss falls with training too.
+  assert eval_rows[1]["eval_T4/loss"] < eval_rows[0]["eval_T4/loss"]
+
+
+def test_evaluating_the_saved_checkpoint_reproduces_the_last_eval(run):
+  """`loopjax eval`'s path: restore params from the final checkpoint with the run's saved config."""
+  from loopjax.evaluation import evaluate_checkpoint
+  _, workdir, _, eval_rows = run
+  step, results = evaluate_checkpoint(os.path.join(workdir, "checkpoints"))
+  assert step == 30
+  for key in ("eval_T2/loss", "eval_T4/loss", "eval_T4/exact_match_q_exit"):
+    assert results[key] == pytest.approx(eval_rows[-1][key], rel=1e-5)
+
+
+def test_eval_cli_reports_a_missing_checkpoint_in_one_line(tmp_path):
+  import subprocess
+  import sys
+  result = subprocess.run([sys.executable, "-m", "loopjax.cli", "eval", "--checkpoint", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2
+  assert "no complete checkpoint" in result.stderr and "Traceback" not in result.stderr

@@ -27,6 +27,7 @@ from jax.sharding import Mesh
 from loopjax import checkpoint as checkpoint_lib
 from loopjax import config as config_lib
 from loopjax import data as data_lib
+from loopjax import evaluation
 from loopjax import metrics as metrics_lib
 from loopjax import sharding
 from loopjax.train import state as state_lib
@@ -53,6 +54,7 @@ class Trainer:
   data_iter: object
   flops_per_token: float
   peak_flops: float
+  evaluator: evaluation.Evaluator | None  # when eval.every_steps > 0
 
   def init_state(self) -> state_lib.TrainState:
     return state_lib.init_train_state(self.cfg.model, self.optimizer, self.mesh, self.cfg.train.seed)[0]
@@ -71,8 +73,10 @@ def setup(cfg) -> Trainer:
   data_iter = data_lib.make_train_iterator(
       cfg.data, seq_len=cfg.train.seq_len, global_batch=cfg.train.batch_size, seed=cfg.train.seed,
       process_index=jax.process_index(), process_count=jax.process_count())
+  evaluator = evaluation.Evaluator(cfg, graphdef, mesh) if cfg.eval.every_steps else None
   return Trainer(cfg, mesh, graphdef, optimizer, abstract, shardings, train_step, data_iter,
-                 metrics_lib.train_flops_per_token(cfg.model, cfg.train.seq_len), metrics_lib.peak_flops())
+                 metrics_lib.train_flops_per_token(cfg.model, cfg.train.seq_len), metrics_lib.peak_flops(),
+                 evaluator)
 
 
 def global_batch(local_batch: dict, mesh: Mesh) -> dict:
@@ -141,11 +145,14 @@ def _check_tally(cfg, tally, step: int) -> int:
   return count
 
 
-def _restore(trainer: Trainer, ckpt) -> tuple[state_lib.TrainState, np.ndarray, str]:
-  """(state, tally, phase) from the newest good checkpoint, or a fresh state."""
+def restore(trainer: Trainer, ckpt, with_data: bool = True) -> tuple[state_lib.TrainState, np.ndarray, str]:
+  """(state, tally, phase) from the newest good checkpoint, or a fresh state.
+
+  with_data=False leaves `trainer.data_iter` as it is (a staged recipe's next phase starts a new stream).
+  """
   abstract = trainer.abstract_state
   restored = ckpt.restore_latest({"params": abstract.params, "opt_state": abstract.opt_state},
-                                 trainer.data_iter)
+                                 trainer.data_iter if with_data else None)
   if restored is None:
     log.info("no checkpoint in %s: starting from step 0", ckpt.directory)
     return trainer.init_state(), np.zeros(2, np.int32), trainer.cfg.checkpoint.phase
@@ -182,37 +189,66 @@ def train(cfg, workdir: str, trainer: Trainer | None = None) -> dict:
   """Runs (or continues) training to `cfg.train.steps`; returns the last logged metrics.
 
   `trainer`: one already built by `setup(cfg)`, e.g. with its data iterator swapped by a caller.
+  A config with `phases` is a staged recipe: `loopjax.phase_runner` walks it, calling `run_steps`.
   """
+  if cfg.phases:
+    from loopjax.phase_runner import train_recipe
+    return train_recipe(cfg, workdir)
   trainer = trainer or setup(cfg)
   ckpt = make_checkpointer(cfg, workdir)
   try:
     with Preemption(ckpt) as preemption:
-      return _run(trainer, ckpt, preemption, workdir)
+      state, tally, _ = restore(trainer, ckpt)
+      start = int(state.step)
+      with Session(cfg, workdir, start, cfg.train.steps) as session:
+        return run_steps(trainer, ckpt, preemption, session, state, tally, start, cfg.train.steps)[2]
   finally:
     ckpt.close()  # waits for the save in flight
 
 
-def _run(trainer: Trainer, ckpt, preemption: Preemption, workdir: str) -> dict:
+class Session:
+  """What one invocation writes besides checkpoints: metrics.jsonl, TensorBoard and the progress bar.
+
+  Opening it drops the metrics.jsonl lines after `start` (logged by a run that died after them).
+  """
+
+  def __init__(self, cfg, workdir: str, start: int, total_steps: int):
+    _drop_logged_after(workdir, start)
+    is_writer = jax.process_index() == 0
+    self.writer = metrics_lib.MetricWriter(workdir, enabled=is_writer)
+    self.progress = None
+    if is_writer and cfg.train.progress:
+      from tqdm import tqdm
+      self.progress = tqdm(total=total_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    if self.progress is not None:
+      self.progress.close()
+    self.writer.close()
+
+
+def run_steps(trainer: Trainer, ckpt, preemption: Preemption, session: Session, state, tally, start: int,
+              end: int):
+  """Steps start -> end with `trainer`, saving at `end`: (state, tally, last logged metrics, preempted).
+
+  The step at `end` is always logged, evaluated (when eval is on) and saved: for a staged recipe `end`
+  is a segment's (a phase boundary or a batch-ramp stage), for a single-phase run train.steps.
+  """
   cfg = trainer.cfg
-  state, tally, phase = _restore(trainer, ckpt)
-  start, total_steps = int(state.step), cfg.train.steps
-  _drop_logged_after(workdir, start)
-  is_writer = jax.process_index() == 0
-  writer = metrics_lib.MetricWriter(workdir, enabled=is_writer)
-  progress = None
-  if is_writer and cfg.train.progress:
-    from tqdm import tqdm
-    progress = tqdm(total=total_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
-  last = {}
+  last, preempted = {}, False
   tally = jnp.asarray(tally)
+  writer, progress = session.writer, session.progress
   with jax.set_mesh(trainer.mesh):
-    batch = global_batch(next(trainer.data_iter), trainer.mesh) if start < total_steps else None
+    batch = global_batch(next(trainer.data_iter), trainer.mesh) if start < end else None
     compile_start = time.perf_counter()
     compiled_step = trainer.train_step.lower(state, batch).compile() if batch is not None else None
     compile_seconds = time.perf_counter() - compile_start
     log.info("compiled the train step in %.1f s", compile_seconds)
     window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
-    for step in range(start, total_steps):
+    for step in range(start, end):
       if batch is None:
         batch = global_batch(next(trainer.data_iter), trainer.mesh)
       state, step_metrics = compiled_step(state, batch)
@@ -223,7 +259,7 @@ def _run(trainer: Trainer, ckpt, preemption: Preemption, workdir: str) -> dict:
       window_steps += 1
       if progress is not None:
         progress.update(1)
-      if done % cfg.train.log_every == 0 or done == total_steps:
+      if done % cfg.train.log_every == 0 or done == end:
         last = metrics_lib.to_python(step_metrics)  # blocks until the step is finished
         elapsed = time.perf_counter() - window_start
         last["tokens_per_sec"] = window_tokens / elapsed
@@ -235,15 +271,17 @@ def _run(trainer: Trainer, ckpt, preemption: Preemption, workdir: str) -> dict:
         if progress is not None:
           progress.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_sec']:.0f}")
         window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
+      if trainer.evaluator and (done % cfg.eval.every_steps == 0 or done == end):
+        eval_start = time.perf_counter()
+        results = trainer.evaluator(state.params)
+        writer.write(done, dict(results, eval_seconds=time.perf_counter() - eval_start))
+        window_start += time.perf_counter() - eval_start  # keep eval time out of tokens/s
       preempted = preemption.stop_at(done)
-      if preempted or done == total_steps or ckpt.should_save(done):
+      if preempted or done == end or ckpt.should_save(done):
         _check_tally(cfg, tally, done)
-        _save(ckpt, trainer, state, tally, done, phase)
+        _save(ckpt, trainer, state, tally, done, cfg.checkpoint.phase)
       if preempted:
         log.warning("preempted: saved step %d; waiting for the write to finish", done)
         ckpt.wait()
         break
-  if progress is not None:
-    progress.close()
-  writer.close()
-  return last
+  return state, tally, last, preempted

@@ -1,0 +1,75 @@
+"""Compile time of the real jitted train step over L in {1, 4, 16} x T in {1, 4, 8}.
+
+    python bench/bench_compile.py                  # smoke model dims, 2 rounds over the grid
+    python bench/bench_compile.py --config small --rounds 3
+
+Every cell is timed in a fresh Python process (`--cell L T`) with the persistent compilation cache
+disabled, so nothing is reused between cells; cells run in interleaved rounds and each reports the
+median. "lower" is tracing + lowering to StableHLO, "compile" is XLA's compile, both of the exact
+step `loopjax train` runs (abstract state and batch with their shardings). Goal: total at
+(L=16, T=8) within 1.3x of (L=1, T=1).
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+LAYERS = (1, 4, 16)
+LOOP_STEPS = (1, 4, 8)
+
+
+def run_cell(config: str, num_layers: int, loop_steps: int) -> dict:
+  """In this (fresh) process: lower and compile the train step once; returns the timings."""
+  import jax
+  jax.config.update("jax_enable_compilation_cache", False)
+  import common
+  cfg = common.with_model(common.load_config(config), num_layers=num_layers, loop_steps=loop_steps)
+  bench = common.Bench(cfg, init_state=False)
+  cpu = time.process_time()
+  _, lower_s, compile_s = bench.compile(cfg)
+  return dict(lower_s=lower_s, compile_s=compile_s, cpu_s=time.process_time() - cpu)
+
+
+def cell_in_subprocess(config: str, num_layers: int, loop_steps: int) -> dict:
+  out = subprocess.run([sys.executable, __file__, "--config", config, "--cell", str(num_layers), str(loop_steps)],
+                       check=True, capture_output=True, text=True)
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", default="smoke", help="configs/<name>.py whose dims are used (L and T vary)")
+  parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds over the grid")
+  parser.add_argument("--cell", nargs=2, type=int, metavar=("L", "T"), help="internal: time one cell")
+  args = parser.parse_args()
+  if args.cell:
+    print(json.dumps(run_cell(args.config, *args.cell)))
+    return
+
+  import common
+  grid = [(L, T) for L in LAYERS for T in LOOP_STEPS]
+  runs = {cell: [] for cell in grid}
+  for r in range(args.rounds):
+    for cell in grid[r % len(grid):] + grid[:r % len(grid)]:
+      runs[cell].append(cell_in_subprocess(args.config, *cell))
+      print(f"round {r + 1}/{args.rounds} L={cell[0]} T={cell[1]}: {runs[cell][-1]}", file=sys.stderr, flush=True)
+
+  def med(cell, key):
+    return common.median([run[key] for run in runs[cell]])
+
+  total = {cell: common.median([run["lower_s"] + run["compile_s"] for run in runs[cell]]) for cell in grid}
+  rows = [(L, T, f"{med((L, T), 'lower_s'):.2f}", f"{med((L, T), 'compile_s'):.2f}", f"{total[(L, T)]:.2f}",
+           common.spread([run["lower_s"] + run["compile_s"] for run in runs[(L, T)]]),
+           f"{med((L, T), 'cpu_s'):.2f}", f"{total[(L, T)] / total[(1, 1)]:.2f}") for L, T in grid]
+  print(common.machine_line())
+  common.print_table(f"compile time of the train step, {args.config} dims, median of {args.rounds} fresh processes",
+                     ("L", "T", "lower s", "compile s", "total s", "spread", "CPU s", "total / (L=1,T=1)"), rows)
+  ratio = total[(16, 8)] / total[(1, 1)]
+  cpu_ratio = med((16, 8), "cpu_s") / med((1, 1), "cpu_s")
+  print(f"(L=16,T=8) / (L=1,T=1): {ratio:.2f} wall, {cpu_ratio:.2f} CPU (goal <= 1.3)")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The same command on every worker of a Cloud TPU VM pod slice, through
+# `gcloud compute tpus tpu-vm ssh --worker=all`. JAX finds the pod by itself (TPU metadata), so no
+# coordinator flags are needed: loopjax/distributed.py detects the pod and joins all workers.
+#
+#   launch/tpu_pod.sh run  NAME ZONE [--project P] [--repo DIR] [--env K=V]... -- loopjax train ARGS...
+#   launch/tpu_pod.sh stop NAME ZONE [--project P]            # SIGTERM: every worker saves and exits
+#   launch/tpu_pod.sh logs NAME ZONE [--project P] [--dest DIR]  # copy every worker's log here
+#
+# run: on each worker, cd to --repo (default ~/loopjax, a clone with `pip install -e ".[tpu]"` done;
+# its .venv is activated if there is one), export the --env variables, and exec the command with output to ~/loopjax-logs/<run>.<worker host>.log
+# (and to this terminal; gcloud interleaves the workers, each loopjax log line names its process).
+# The run's pid goes to ~/loopjax-logs/<run>.pid so `stop` signals exactly that process.
+# WORKDIR must be storage every worker sees (a gs:// bucket mounted with gcsfuse, or Filestore):
+# checkpoints are written by all workers together and metrics by worker 0.
+set -euo pipefail
+
+usage() { sed -n '5,7p' "$0" | sed 's/^# *//' >&2; exit 2; }
+[[ $# -ge 3 ]] || usage
+action=$1 name=$2 zone=$3
+shift 3
+project=() repo='~/loopjax' envs=() dest=./tpu-logs run=${LOOPJAX_RUN:-loopjax}
+while [[ $# -gt 0 && $1 != "--" ]]; do
+  case $1 in
+    --project) project=(--project "$2"); shift 2 ;;
+    --repo) repo=$2; shift 2 ;;
+    --env) [[ $2 == *=* ]] || { echo "tpu_pod.sh: --env takes K=V, got '$2'" >&2; exit 2; }; envs+=("$2"); shift 2 ;;
+    --dest) dest=$2; shift 2 ;;
+    *) echo "tpu_pod.sh: unknown option '$1'" >&2; usage ;;
+  esac
+done
+[[ ${1:-} == "--" ]] && shift
+
+on_all_workers() { gcloud compute tpus tpu-vm ssh "$name" --zone "$zone" "${project[@]}" --worker=all --command "$1"; }
+logs=\~/loopjax-logs
+
+case $action in
+  run)
+    [[ $# -gt 0 ]] || { echo "tpu_pod.sh run: give the command after --" >&2; exit 2; }
+    exports=""
+    for kv in "${envs[@]}"; do exports+="export $(printf '%q' "$kv"); "; done
+    command=$(printf '%q ' "$@")
+    remote="mkdir -p $logs && cd $repo && { [ ! -f .venv/bin/activate ] || . .venv/bin/activate; } && "
+    remote+="${exports}echo \$\$ > $logs/$run.pid && "
+    remote+="exec > >(tee -a $logs/$run.\$(hostname).log) 2>&1 && exec $command"
+    on_all_workers "bash -c $(printf '%q' "$remote")"
+    ;;
+  stop)
+    on_all_workers "test -f $logs/$run.pid && kill -TERM \$(cat $logs/$run.pid) || echo 'no run on' \$(hostname)"
+    ;;
+  logs)
+    mkdir -p "$dest"
+    gcloud compute tpus tpu-vm scp "$name:$logs/$run.*.log" "$dest/" --zone "$zone" "${project[@]}" --worker=all
+    ls -l "$dest"
+    ;;
+  *) usage ;;
+esac

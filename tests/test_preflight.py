@@ -1,0 +1,105 @@
+"""`loopjax compile`: topology names, and a real XLA:TPU ahead-of-time compile of the train step.
+
+The compile tests need libtpu (the `tpu` extra) and are skipped without it. Each one compiles a
+small model for a 1- or 4-chip topology in a subprocess (10-30 s on 2 cores).
+"""
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from loopjax import metrics
+from loopjax.config import load_config_file
+from loopjax.preflight import CHIPS, GIB, Topology, TopologyError, parse_topology
+from loopjax.train.state import count_params
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+LOOPJAX = os.path.join(os.path.dirname(sys.executable), "loopjax")
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="libtpu is not installed: pip install -e '.[tpu]' (libtpu 0.0.42.*)")
+
+
+@pytest.mark.parametrize("name, generation, shape", [
+    ("v5p:4x4x4", "v5p", (4, 4, 4)),
+    ("v5p-128", "v5p", (4, 4, 4)),  # accelerator types count TensorCores on v4/v5p: 64 chips
+    ("v4-8", "v4", (2, 2, 1)),
+    ("v5e-16", "v5e", (4, 4)),  # ... and chips on v5e/v6e
+    ("v5litepod-256", "v5e", (16, 16)),
+    ("v6e:2x4", "v6e", (2, 4)),
+])
+def test_topology_names(name, generation, shape):
+  assert parse_topology(name) == Topology(generation, shape)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("v7:2x2", "not a known TPU topology"),
+    ("v5p:4x4", "v5p topologies have 3 axes"),
+    ("v5e-12", "no standard v5e slice of that size"),
+])
+def test_bad_topology_names_say_what_is_accepted(name, message):
+  with pytest.raises(TopologyError, match="Fix:") as e:
+    parse_topology(name)
+  assert message in str(e.value)
+
+
+def _compile(*args: str) -> tuple[int, str]:
+  proc = subprocess.run([LOOPJAX, "compile", "--config", "configs/smoke.py", *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS=""))
+  return proc.returncode, proc.stdout
+
+
+def _field(report: str, name: str) -> str:
+  match = re.search(rf"^  {name}\s+(.*)$", report, re.MULTILINE)
+  assert match, report
+  return match.group(1)
+
+
+def _mib(text: str) -> float:
+  value, unit = text.split()[:2]
+  return float(value) * (1024 if unit == "GiB" else 1)
+
+
+# D and head_dim multiples of 128, so TPU tile padding does not blur the byte counts.
+SMALL = ["--config.model.hidden_size=512", "--config.model.mlp_dim=1024", "--config.model.num_heads=4",
+         "--config.model.num_kv_heads=2", "--config.model.head_dim=128", "--config.model.vocab_size=512",
+         "--config.mesh.data=1", "--config.mesh.fsdp=4"]
+
+
+@needs_libtpu
+def test_small_config_fits_a_small_topology():
+  """Memory comes from XLA's analysis of the real step: with FSDP over 4 chips each chip holds a
+  quarter of params + Adam's two moments (12 bytes/param), donated so the output aliases it.
+  FLOPs come from loopjax's loop-aware count, not XLA's (which counts each scan body once)."""
+  code, report = _compile("--topology", "v5e:2x2", *SMALL)
+  assert code == 0, report
+  assert _field(report, "fits") == "yes"
+  assert _field(report, "mesh") == "data=1 fsdp=4 tensor=1"
+  cfg = load_config_file(os.path.join(REPO, "configs", "smoke.py"))
+  for override in SMALL:
+    key, value = override.removeprefix("--config.").split("=")
+    section, name = key.split(".")
+    cfg[section][name] = int(value)
+  state_mib = 12 * count_params(cfg.model) / 2**20 / 4
+  assert state_mib <= _mib(_field(report, "arguments")) <= state_mib * 1.01 + 0.1
+  assert _mib(_field(report, "output").split("(")[1]) == pytest.approx(_mib(_field(report, "output")), abs=0.01)
+  flops_step = metrics.train_flops_per_token(cfg.model, cfg.train.seq_len) * cfg.train.batch_size * cfg.train.seq_len
+  assert float(_field(report, "FLOPs/step").split()[0]) == pytest.approx(flops_step, rel=1e-3)
+  ideal = flops_step / (4 * metrics.PEAK_FLOPS_PER_DEVICE[CHIPS["v5e"].kind])
+  assert float(_field(report, "ideal step time").split()[0]) == pytest.approx(ideal, rel=1e-3)
+
+
+@needs_libtpu
+def test_too_big_a_model_does_not_fit_and_exits_nonzero():
+  """~1.7B parameters with fp32 Adam state (~20 GB) on one 16 GiB v5e chip."""
+  code, report = _compile("--topology", "v5e:1x1", "--config.model.hidden_size=8192",
+                          "--config.model.mlp_dim=28672", "--config.model.num_heads=64",
+                          "--config.model.head_dim=128", "--config.model.num_kv_heads=2")
+  assert code == 1, report
+  assert _field(report, "fits") == "NO"
+  refused = re.search(r"XLA refused to compile: .*RESOURCE_EXHAUSTED", report)
+  assert refused or _mib(_field(report, "total")) > 16 * GIB / 2**20, report
+  assert "Fix:" in _field(report, "fix")
