@@ -44,16 +44,17 @@ def run_interleaved(bench, variants, args):
     del c["compiled"], c["state"]
     c["step_s"], c["cpu_s"] = common.median(c["wall"]), common.median(c["cpu"])
     c["tokens_s"] = cfg.train.batch_size * cfg.train.seq_len / c["step_s"]
-    c["mfu"] = c["tokens_s"] * metrics_lib.train_flops_per_token(cfg.model, cfg.train.seq_len) / args.peak
+    c["flops_s"] = c["tokens_s"] * metrics_lib.train_flops_per_token(cfg.model, cfg.train.seq_len)
+    c["mfu"] = c["flops_s"] / args.peak
   return cells
 
 
 def timing_columns(c):
   return (f"{1e3 * c['step_s']:,.0f}", common.spread(c["wall"]), f"{1e3 * c['cpu_s']:,.0f}",
-          f"{c['tokens_s']:,.0f}", f"{100 * c['mfu']:.1f}%")
+          f"{c['tokens_s']:,.0f}", f"{c['flops_s'] / 1e9:.0f}", f"{100 * c['mfu']:.1f}%")
 
 
-TIMING_HEADERS = ("wall ms/step", "spread", "CPU ms/step", "tokens/s", "MFU")
+TIMING_HEADERS = ("wall ms/step", "spread", "CPU ms/step", "tokens/s", "model GFLOP/s", "MFU")
 
 
 def describe(name, cfg, bench):
@@ -92,9 +93,9 @@ def peer_table(args):
               ("T=4, remat none", common.with_model(cfg, loop_steps=4, remat="none"))]
   cells = run_interleaved(bench, variants, args)
   rows = [(f"loopjax L=4 {label}", *timing_columns(c)) for label, c in cells.items()]
-  rows += [("Ouro PyTorch L=4 T=4 (NOTES-stack.md)", "", "", "", "~770", ""),
-           ("MaxText 4 layers, non-looped, full remat (NOTES)", "", "", "", "~1,900", ""),
-           ("MaxText 16 layers, non-looped, full remat (NOTES)", "", "", "", "~500", "")]
+  rows += [("Ouro PyTorch L=4 T=4 (NOTES-stack.md)", "", "", "", "~770", "", ""),
+           ("MaxText 4 layers, non-looped, full remat (NOTES)", "", "", "", "~1,900", "", ""),
+           ("MaxText 16 layers, non-looped, full remat (NOTES)", "", "", "", "~500", "", "")]
   common.print_table(f"{describe('peer shape', cfg, bench)}; load avg {os.getloadavg()[0]:.1f}",
                      ("run", *TIMING_HEADERS), rows)
 

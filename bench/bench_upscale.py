@@ -2,8 +2,10 @@
 
   python bench/bench_upscale.py [--dir /tmp/loopjax_bench_upscale] [--mapping interleave] [--keep]
 
-1. A child process writes the input: a params-only loopjax checkpoint (Checkpointer.save, one device)
-   of configs/ouro_1p4b.py's model with random bfloat16 parameters (~2.9 GB).
+1. A child process writes the input: a params-only loopjax checkpoint (Checkpointer.save) of
+   configs/ouro_1p4b.py's model with random bfloat16 parameters (~2.9 GB), FSDP-sharded over
+   --input_devices fake CPU devices. With 8 the stored chunks are a training run's shards (1/8 of an
+   array); with 1 every array is one stored chunk (a layer array up to 553 MB), the worst case.
 2. `loopjax upscale --layers 48` runs as the only child of a small wrapper process, which reports the
    child's wall time and peak resident memory (getrusage RUSAGE_CHILDREN: ru_maxrss).
 3. The output is restored to host memory (`restore_params`, which checks the checksum the upscale
@@ -26,16 +28,21 @@ LOOPJAX = os.path.join(os.path.dirname(sys.executable), "loopjax")
 WRITE_INPUT = textwrap.dedent("""
     import json, sys
     import jax, ml_dtypes, numpy as np
-    from loopjax import checkpoint
+    from loopjax import checkpoint, sharding
     from loopjax.config import load_config_file
-    from loopjax.train.state import model_graph
+    from loopjax.train.state import model_graph, param_specs
     from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec as P
     cfg = load_config_file("configs/ouro_1p4b.py")
     cfg.model.param_dtype = "bfloat16"
     rng = np.random.default_rng(0)
-    shapes = nnx.to_pure_dict(model_graph(cfg.model)[1])
-    params = jax.tree.map(lambda a: (0.02 * rng.standard_normal(a.shape, np.float32)).astype(ml_dtypes.bfloat16),
-                          shapes)
+    # Random bfloat16 bit patterns: random sign and mantissa, exponent 2**-7 (finite, |x| in [0.0078, 0.0156)).
+    draw = lambda a: ((rng.integers(0, 2**16, a.shape, dtype=np.uint16) & 0x807F) | 0x3C00).view(ml_dtypes.bfloat16)
+    params = jax.tree.map(draw, nnx.to_pure_dict(model_graph(cfg.model)[1]))
+    mesh = sharding.make_mesh((1, jax.device_count(), 1))  # FSDP over the devices, as configs/ouro_1p4b.py
+    specs = param_specs(cfg.model)
+    params = jax.device_put(params, jax.tree.map(lambda p: NamedSharding(mesh, p), specs,
+                                                 is_leaf=lambda x: isinstance(x, P)))
     ckpt = checkpoint.Checkpointer(sys.argv[1], async_save=False)
     ckpt.save(1000, {"params": params}, meta={"phase": "1a", "config": json.loads(cfg.to_json())})
     ckpt.close()
@@ -59,14 +66,22 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--dir", default="/tmp/loopjax_bench_upscale")
   parser.add_argument("--mapping", default="interleave")
+  parser.add_argument("--input_devices", default="8,1", help="comma-separated: one run per device count")
   parser.add_argument("--keep", action="store_true")
   args = parser.parse_args()
+  for devices in args.input_devices.split(","):
+    run(args, int(devices))
+
+
+def run(args, devices: int):
   src, dst = os.path.join(args.dir, "in", "checkpoints"), os.path.join(args.dir, "out", "checkpoints")
   shutil.rmtree(args.dir, ignore_errors=True)
   try:
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", WRITE_INPUT, src], cwd=REPO, check=True)
-    print(f"wrote the 1.4B input in {time.perf_counter() - start:.0f} s: {dir_bytes(src) / 1e9:.2f} GB on disk")
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    subprocess.run([sys.executable, "-c", WRITE_INPUT, src], cwd=REPO, check=True, env=env)
+    print(f"\ninput on {devices} device(s), written in {time.perf_counter() - start:.0f} s: "
+          f"{dir_bytes(src) / 1e9:.2f} GB on disk")
     result = json.loads(subprocess.run(
         [sys.executable, "-c", MEASURE, LOOPJAX, "upscale", "--from", src, "--to", dst, "--layers", "48",
          "--mapping", args.mapping], capture_output=True, text=True, check=True).stdout)

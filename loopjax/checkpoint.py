@@ -2,8 +2,9 @@
 
 A checkpoint at step N is the directory `<dir>/N` with one Orbax item per part:
   params, opt_state  pytrees of (sharded) arrays, StandardSave/StandardRestore;
-  data               the grain iterator state, one JSON file per process (grain's handler);
-  meta               JSON: step, phase, the resolved config, loop counters, and a checksum per array item.
+  meta               JSON: step, phase, the resolved config, loop counters, a checksum per array item, and
+                     the data iterator's state: every process's {data shard: grain state}, gathered, so
+                     a run with another process count (dividing data.num_shards) resumes the same stream.
 
 Why a checksum: Orbax makes saves atomic (a tmp directory renamed when every process has finished), so
 a save killed midway never looks finished. It does not detect a finished checkpoint damaged later
@@ -19,12 +20,12 @@ and abstract targets only; it knows nothing of the model or the train state's la
 import contextlib
 import dataclasses
 import datetime
+import json
 import logging
 import os
 import shutil
 import time
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -137,8 +138,27 @@ def _all_processes_agree(ok: bool) -> bool:
 def _handlers() -> dict:
   handlers = {name: ocp.StandardCheckpointHandler() for name in ARRAY_ITEMS}
   handlers["meta"] = ocp.JsonCheckpointHandler()
-  handlers["data"] = grain.checkpoint.CheckpointHandler()
   return handlers
+
+
+def _gather_json(obj) -> list:
+  """Every process's JSON-serialisable `obj`, in process order (one all-gather of padded bytes)."""
+  if jax.process_count() == 1:
+    return [obj]
+  encoded = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+  lengths = np.asarray(multihost_utils.process_allgather(np.array([encoded.size], np.int32))).ravel()
+  padded = np.zeros(int(lengths.max()), np.uint8)
+  padded[:encoded.size] = encoded
+  rows = np.asarray(multihost_utils.process_allgather(padded))
+  return [json.loads(bytes(row[:n])) for row, n in zip(rows, lengths)]
+
+
+def data_state(data_iter) -> dict:
+  """The state of every process's data shards, merged: {shard: grain state} (same on all processes)."""
+  merged = {}
+  for part in _gather_json(data_iter.get_state()):
+    merged.update(part)
+  return merged
 
 
 @dataclasses.dataclass
@@ -152,7 +172,8 @@ class Checkpointer:
   """Saves and restores checkpoints under one directory; every JAX process must call every method."""
 
   def __init__(self, directory: str, *, every_steps: int = 0, every_minutes: float = 0.0, keep: int = 3,
-               keep_period: int = 0, async_save: bool = True, read_only: bool = False):
+               keep_period: int = 0, async_save: bool = True, read_only: bool = False,
+               keep_steps: tuple[int, ...] = ()):
     self.directory, self.read_only = epath.Path(os.path.abspath(directory)), read_only
     self.quarantine = self.directory.parent / f"{self.directory.name}-corrupt"
     save_policies = []
@@ -161,6 +182,8 @@ class Checkpointer:
     if every_minutes:
       save_policies.append(_EveryInterval(max(1, round(every_minutes * 60))))
     preserve = [policies.LatestN(keep)] + ([policies.EveryNSteps(keep_period)] if keep_period else [])
+    if keep_steps:  # a staged recipe's phase boundaries, kept permanently
+      preserve.append(policies.CustomSteps(list(keep_steps)))
     options = ocp.CheckpointManagerOptions(
         save_decision_policy=policies.AnySavePolicy(save_policies),
         preservation_policy=None if read_only else policies.AnyPreservationPolicy(preserve),
@@ -208,10 +231,9 @@ class Checkpointer:
             "stop at the first bad step, lower optim.lr, or restart from the last checkpoint")
     args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
     shapes = {name: _leaf_shapes(tree) for name, tree in items.items()}
+    data = {} if data_iter is None else {"data_state": data_state(data_iter)}
     args["meta"] = ocp.args.JsonSave(dict(meta, step=step, checksums=checksums, shapes=shapes,
-                                          saved_at=time.time()))
-    if data_iter is not None:
-      args["data"] = grain.checkpoint.CheckpointSave(data_iter)
+                                          saved_at=time.time(), **data))
     with self._write_errors(step):
       self._manager.save(step, args=ocp.args.Composite(**args), force=True)
 
@@ -254,8 +276,6 @@ class Checkpointer:
             f"({self.directory}/{step}/meta/metadata) or start in a new --workdir")
     args = {name: ocp.args.StandardRestore(tree) for name, tree in abstract_items.items()}
     args["meta"] = ocp.args.JsonRestore()
-    if data_iter is not None:
-      args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     out = self._manager.restore(step, args=ocp.args.Composite(**args))
     meta = out["meta"]
     for name in abstract_items:
@@ -263,6 +283,13 @@ class Checkpointer:
       if checksum != meta["checksums"][name] or not finite:
         raise CheckpointError(f"checkpoint step {step}: '{name}' fails its checksum (saved "
                               f"{meta['checksums'][name]}, read {checksum}, finite={finite})")
+    if data_iter is not None:
+      try:
+        data_iter.set_state(meta["data_state"])
+      except (KeyError, ValueError) as e:
+        raise IncompatibleCheckpointError(
+            f"checkpoint step {step} in {self.directory}: its data state does not fit this run ({e}). Fix: "
+            "resume with the data.num_shards and data.source it was saved with") from e
     return Restored(step, {name: out[name] for name in abstract_items}, meta)
 
   def restore_latest(self, abstract_items: dict, data_iter=None) -> Restored | None:
@@ -359,7 +386,7 @@ def list_checkpoints(directory: str) -> list[dict]:
     if step not in finished:
       row["note"] = "unfinished save (the process died while writing)"
     else:
-      missing = [item for item in ("params", "opt_state", "data", "meta") if not (path / item).is_dir()]
+      missing = [item for item in ("params", "opt_state", "meta") if not (path / item).is_dir()]
       try:
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         row["phase"] = meta["phase"]

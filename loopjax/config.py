@@ -99,6 +99,7 @@ def default_config() -> ml_collections.ConfigDict:
   d.source = "mano"
   d.weights = ""  # comma-separated mixture weights, one per source; "" = equal
   d.packing = "document"  # "document" (first-fit, whole documents + padding) or "concat" (concat-and-split)
+  d.num_shards = 0  # logical data shards (fixed stream for any process count dividing it); 0 = gcd(batch, 64)
   d.packing_bins = 0  # first-fit bins per packing round; 0 = the per-process batch size
   d.shuffle = True  # shuffle corpus documents (a new permutation each epoch)
   d.loss_on = "answer"  # synthetic tasks: train on "answer" tokens only, or on "all" targets

@@ -18,6 +18,7 @@ and exits with a message naming the coordinator address, what it saw there, and 
 """
 
 import dataclasses
+import itertools
 import logging
 import os
 import socket
@@ -31,6 +32,10 @@ ENV_PREFIX = "LOOPJAX_"
 DEFAULT_TIMEOUT = 300  # seconds; pods whose hosts boot at different times need minutes
 EXIT_CANNOT_JOIN = 3  # exit code of a process that could not join the distributed runtime
 _JAX_GRACE = 15  # seconds JAX's own deadline is pushed past ours, so our message comes first
+# At exit every process waits for the others at a shutdown barrier. JAX waits 300 s by default, so a
+# process that died of an error would hang 5 minutes before its launcher saw it go.
+SHUTDOWN_TIMEOUT = 60
+_barrier_count = itertools.count()
 
 
 class DistributedError(RuntimeError):
@@ -191,9 +196,23 @@ def _join(settings: Settings, args: dict):
   watchdog.daemon = True
   watchdog.start()
   try:
-    jax.distributed.initialize(**args, initialization_timeout=timeout + _JAX_GRACE)
+    jax.distributed.initialize(**args, initialization_timeout=timeout + _JAX_GRACE,
+                               shutdown_timeout_seconds=SHUTDOWN_TIMEOUT)
   finally:
     watchdog.cancel()
+
+
+def barrier(name: str, timeout: int = DEFAULT_TIMEOUT):
+  """Waits until every process reaches `name` (through the coordination service; no-op alone).
+
+  Call it before the first collective after work whose length differs between processes (compiling,
+  restoring): on CPU, gloo gives up on peers that are 30 s late to a device group's first collective
+  ("Gloo context initialization failed: DEADLINE_EXCEEDED").
+  """
+  if jax.process_count() > 1:
+    from jax._src import distributed as jax_distributed
+    barrier_id = f"loopjax_{name}_{next(_barrier_count)}"  # ids are single-use; every process counts alike
+    jax_distributed.global_state.client.wait_at_barrier(barrier_id, timeout_in_ms=timeout * 1000)
 
 
 def _coordinator_seen() -> str | None:

@@ -8,7 +8,8 @@ static settings (T, beta, RoPE base, sequence length, batch, layers, objective) 
 jitted step, compiled when its first batch arrives.
 
 Checkpoints: the loop saves at every segment end, so every phase boundary has one, written with the
-phase's name and the state as the phase left it (before the next phase's entry transforms). After a
+phase's name and the state as the phase left it (before the next phase's entry transforms), and kept
+whatever checkpoint.keep says (e.g. the end of 1a is where Ouro's 2.6B run forks from the 1.4B). After a
 restart, the newest checkpoint's step says which phase made it (`Plan.phase_at`): its model and state
 layout are the restore target; a step inside a phase restores the data stream too, a phase's last
 step starts the next phase afresh.
@@ -43,10 +44,7 @@ from loopjax.train.optim import make_optimizer
 
 
 class _Rows:
-  """`take` batches of the phase's stream per step, concatenated; saves/restores the stream's state.
-
-  Grain's checkpoint handler stores `get_state()` bytes for iterators that are not its own.
-  """
+  """`take` batches of the phase's stream per step, concatenated; its state is the stream's."""
 
   def __init__(self, stream, take: int):
     self.stream, self.take = stream, take
@@ -58,14 +56,11 @@ class _Rows:
     parts = [next(self.stream) for _ in range(self.take)]
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
-  def get_state(self) -> bytes:
-    return json.dumps(self.stream.get_state()).encode()
+  def get_state(self) -> dict:
+    return self.stream.get_state()
 
-  def set_state(self, state: bytes):
-    self.stream.set_state(json.loads(state))
-
-  def start_prefetch(self):
-    self.stream.start_prefetch()
+  def set_state(self, state: dict):
+    self.stream.set_state(state)
 
 
 def _with_facts(step_fn, cfg):
@@ -82,6 +77,8 @@ def _with_facts(step_fn, cfg):
 
 
 class Runner:
+  """One recipe run: the plan, the mesh, and the one optimizer and LR schedule all phases share."""
+
   def __init__(self, cfg, workdir: str):
     self.cfg, self.workdir = cfg, workdir
     self.mesh = sharding.make_mesh(config_lib.validate(cfg, jax.device_count()))
@@ -148,18 +145,27 @@ class Runner:
                           "time": time.time()}) + "\n")
 
   def restore(self, ckpt):
-    """(state, tally, step) from the newest checkpoint, or a fresh state at step 0; and the phase's stream."""
-    steps = ckpt.all_steps()
-    step = steps[-1] if steps else 0
-    ph = self.plan.phase_at(step)
-    seg = next(s for s in ph.segments if s.start < step <= s.end) if step else ph.segments[0]
-    stream = self.stream(ph)
-    trainer = self.trainer(seg, stream)
-    state, tally, _ = loop_lib.restore(trainer, ckpt, with_data=0 < step < ph.end)
-    return state, tally, int(state.step), stream
+    """(state, tally, step, the phase's stream) from the newest good checkpoint, or a fresh state.
+
+    The restore target is the model and state layout of the phase that wrote the newest checkpoint.
+    If that one is damaged, the checkpointer sets it aside and falls back to the previous one; when
+    that lies in a phase with other shapes, it refuses, and the target is recomputed for it.
+    """
+    while True:
+      steps = ckpt.all_steps()
+      step = steps[-1] if steps else 0
+      ph = self.plan.phase_at(step)
+      seg = next(s for s in ph.segments if s.start < step <= s.end) if step else ph.segments[0]
+      stream = self.stream(ph)
+      try:
+        state, tally, _ = loop_lib.restore(self.trainer(seg, stream), ckpt, with_data=0 < step < ph.end)
+        return state, tally, int(state.step), stream
+      except checkpoint_lib.IncompatibleCheckpointError:
+        if ckpt.all_steps() == steps:  # not a fallback: the checkpoints do not fit this recipe
+          raise
 
   def run(self) -> dict:
-    ckpt = loop_lib.make_checkpointer(self.cfg, self.workdir)
+    ckpt = loop_lib.make_checkpointer(self.cfg, self.workdir, keep_steps=[ph.end for ph in self.plan])
     try:
       with loop_lib.Preemption(ckpt) as preemption:
         state, tally, step, stream = self.restore(ckpt)

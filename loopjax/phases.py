@@ -64,7 +64,6 @@ def phase(**fields) -> ml_collections.ConfigDict:
 @dataclasses.dataclass(frozen=True)
 class Segment:
   phase_index: int
-  name: str
   start: int  # global step before the segment's first step
   end: int  # global step after its last step
   cfg: ml_collections.ConfigDict  # the derived single-phase config (phases=()) its steps run with
@@ -114,7 +113,7 @@ def _segment(cfg, i: int, name: str, start: int, end: int, rows: int, values: di
     config_lib.validate(d, num_devices)
   except config_lib.ConfigError as e:
     raise config_lib.ConfigError(f"config.phases[{i}] ({name!r}): in this phase {e}") from None
-  return Segment(i, name, start, end, d, unit)
+  return Segment(i, start, end, d, unit)
 
 
 def _ramp(p, seq_len: int, dp: int, batch_tokens: int) -> list[tuple[int, int]]:

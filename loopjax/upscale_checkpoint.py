@@ -22,6 +22,7 @@ complete, so a killed upscale leaves nothing that looks like a checkpoint.
 """
 
 import ast
+import itertools
 import json
 import os
 import shutil
@@ -34,6 +35,12 @@ from loopjax import upscale
 from loopjax.checkpoint import ARRAY_ITEMS, CheckpointError
 
 _U32 = 2**32
+_WRITES_IN_FLIGHT = 4
+
+
+def _chunk_grid(shape, chunks):
+  """The index regions (tuples of slices) of an array's stored chunks, in storage order."""
+  return itertools.product(*[[slice(a, min(a + c, n)) for a in range(0, n, c)] for n, c in zip(shape, chunks)])
 
 
 def _kvstore(item_dir: str) -> dict:
@@ -78,33 +85,43 @@ class _ItemWriter:
     return 0 if self.zero else (old_checksum + delta) % _U32
 
   def _stream(self, name: str, is_layers: bool) -> tuple[int, int]:
-    """Writes array `name` (layers re-indexed, or zeros); (old, new) checksum of what it streamed."""
+    """Writes array `name` (layers re-indexed, or zeros); (old, new) checksum of what it streamed.
+
+    Reads one stored chunk at a time (tensorstore decodes whole chunks anyway) and keeps at most
+    `_WRITES_IN_FLIGHT` output layers of it pending, so memory stays near one chunk.
+    """
     meta = json.loads(self.kv_in.read(f"{name}/.zarray").result().value)
+    stored_chunks = meta["chunks"]
     source = ts.open({"driver": "zarr", "kvstore": dict(_kvstore(self.src), path=name)},
                      context=self.context, read=True).result()
-    scalar = source.rank == 0
-    rows_in, block = (1, 1) if scalar else (source.shape[0], meta["chunks"][0])  # read a stored chunk at once
-    index = self.index if is_layers else np.arange(rows_in)
+    dtype = source.dtype.numpy_dtype
+    index = self.index if is_layers else np.arange(source.shape[0] if source.rank else 1)
     if is_layers:
       meta = dict(meta, shape=[len(index), *meta["shape"][1:]], chunks=[1, *meta["chunks"][1:]])
       self.chunk_shapes[name] = meta["chunks"]
     self.kv_out.write(f"{name}/.zarray", json.dumps(meta).encode()).result()
     target = ts.open({"driver": "zarr", "kvstore": dict(_kvstore(self.dst), path=name)},
                      context=self.context, write=True).result()
+    if source.rank == 0:  # a scalar (an optimizer step count): nothing to re-index
+      value = np.zeros((), dtype) if self.zero else source.read().result()
+      target.write(value).result()
+      return _bits_sum(value), _bits_sum(value)
     old_sum = new_sum = 0
-    for start in range(0, rows_in, block):
-      stop = min(start + block, rows_in)
-      if self.zero:
-        rows = np.zeros((stop - start, *source.shape[1:]), source.dtype.numpy_dtype)
+    for region in _chunk_grid(source.shape, stored_chunks):
+      if self.zero:  # the item's checksum is then 0: no sums needed
+        rows, sums = np.zeros([r.stop - r.start for r in region], dtype), None
       else:
-        rows = source.read().result()[None] if scalar else source[start:stop].read().result()
-      sums = [_bits_sum(r) for r in rows]
-      old_sum += sum(sums)
-      wanted = np.flatnonzero((index >= start) & (index < stop))
-      pending = [(target if scalar else target[int(j)]).write(rows[index[j] - start]) for j in wanted]
-      for write in pending:
-        write.result()
-      new_sum += sum(sums[index[j] - start] for j in wanted)
+        rows = source[region].read().result()
+        sums = [_bits_sum(r) for r in rows]
+        old_sum += sum(sums)
+      first = region[0].start
+      wanted = np.flatnonzero((index >= first) & (index < region[0].stop))
+      for group in np.array_split(wanted, -(-len(wanted) // _WRITES_IN_FLIGHT) or 1):
+        pending = [target[(int(j), *region[1:])].write(rows[index[j] - first]) for j in group]
+        for write in pending:
+          write.result()
+      new_sum += 0 if sums is None else sum(sums[index[j] - first] for j in wanted)
+      del rows
     return old_sum, new_sum
 
   def _copy_metadata_files(self):
@@ -197,8 +214,10 @@ def main(argv: list[str]) -> int:
   """loopjax upscale --from CKPT_DIR --to CKPT_DIR --layers N [--mapping interleave|stack|i,j,...]."""
   import argparse
   parser = argparse.ArgumentParser(prog="loopjax upscale", description=__doc__.splitlines()[0])
-  parser.add_argument("--from", dest="src", required=True, help="source checkpoint directory (WORKDIR/checkpoints)")
-  parser.add_argument("--to", dest="dst", required=True, help="output checkpoint directory (a new WORKDIR/checkpoints)")
+  parser.add_argument("--from", dest="src", required=True,
+                      help="source checkpoint directory (WORKDIR/checkpoints)")
+  parser.add_argument("--to", dest="dst", required=True,
+                      help="output checkpoint directory (a new WORKDIR/checkpoints)")
   parser.add_argument("--layers", type=int, required=True, help="layer count of the upscaled stack")
   parser.add_argument("--mapping", default="interleave", help="interleave, stack, or a comma-separated index list")
   parser.add_argument("--moments", default="duplicate", choices=upscale.MOMENTS,

@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 
-import grain
 import jax
 import numpy as np
 import pytest
@@ -94,12 +93,14 @@ def test_params_only_restore_as_numpy_and_sharded(saved):
                  zip(jax.tree.leaves(jax.device_get(sharded.items["params"])), jax.tree.leaves(host["params"])))
 
 
-class _PoisonedIterator(grain.DatasetIterator):
+class _PoisonedIterator:
   """The real batch stream with NaN written into `loss_mask` of the batches at `bad_steps` (1-based)."""
 
   def __init__(self, parent, bad_steps):
-    super().__init__(parent)
-    self._bad_steps, self._served = set(bad_steps), 0
+    self._parent, self._bad_steps, self._served = parent, set(bad_steps), 0
+
+  def __iter__(self):
+    return self
 
   def __next__(self):
     batch = dict(next(self._parent))

@@ -79,17 +79,39 @@ def test_an_epoch_packs_every_target_exactly_once(tmp_path, mode):
       assert all((np.diff((row == 0).astype(int)) >= 0).all() for row in b["segment_ids"])
 
 
-def test_processes_read_disjoint_slices_covering_the_corpus(tmp_path):
+def test_shards_read_disjoint_slices_covering_the_corpus(tmp_path):
   docs = make_docs("d", 50, max_len=SEQ - 8)  # whole documents fit in a row
   cfg = data_cfg(prepared(tmp_path, "c", docs))
   seen = []
-  for process_index in range(2):
-    batches = one_epoch(cfg, process_index=process_index, process_count=2)
+  for shard in range(2):
+    batches = one_epoch(cfg, shard=shard, shard_count=2)
     seen.append({bytes(t[1:].astype(np.uint8)).decode() for t, _, _ in segments(batches)})
   assert not seen[0] & seen[1]
   assert seen[0] | seen[1] == set(docs)
   it = make_train_iterator(cfg, seq_len=SEQ, global_batch=8, seed=0, process_index=1, process_count=2)
   assert next(it)["inputs"].shape == (4, SEQ)
+
+
+@pytest.mark.parametrize("source", ["corpus", "mano"])
+def test_global_batches_and_states_do_not_depend_on_the_process_count(tmp_path, source):
+  """1, 2 and 4 processes see the same global batches; a state saved by 2 processes resumes 1 and 4."""
+  cfg = data_cfg(prepared(tmp_path, "c", make_docs("d", 40)) if source == "corpus" else "mano")
+  def local_iterators(count):
+    return [make_train_iterator(cfg, seq_len=SEQ, global_batch=8, seed=5, process_index=p, process_count=count)
+            for p in range(count)]
+  def global_batches(iterators, steps):
+    return [{k: np.concatenate([b[k] for b in parts]) for k in parts[0]}
+            for parts in zip(*(list(itertools.islice(it, steps)) for it in iterators))]
+  single = global_batches(local_iterators(1), 12)
+  two = local_iterators(2)
+  _assert_same(global_batches(two, 5), single[:5])
+  _assert_same(global_batches(local_iterators(4), 12), single)
+  saved = {k: v for it in two for k, v in it.get_state().items()}  # what a checkpoint gathers
+  for count in (1, 4):
+    resumed = local_iterators(count)
+    for it in resumed:
+      it.set_state(saved)
+    _assert_same(global_batches(resumed, 7), single[5:])
 
 
 def _assert_same(batches_a, batches_b):

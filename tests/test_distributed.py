@@ -83,9 +83,6 @@ def runs(tmp_path_factory):
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=LossesDiffer,
-                   reason="the data pipeline gives each process every P-th document and packs it alone, so the "
-                          "global batch depends on the process count (see loopjax/data/pipeline.py)")
 def test_two_processes_match_one_process(runs):
   two, one = _losses(runs[2]), _losses(runs[1])
   assert sorted(two) == sorted(one) == list(range(1, STEPS + 1))
@@ -104,10 +101,6 @@ def test_only_process_zero_reports_progress(runs):
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=(NotResumed, LossesDiffer),
-                   reason="a checkpoint's data-iterator state is per process (data/process_0-of-2.json), so "
-                          "another process count finds it 'damaged' and starts over; and the losses need a "
-                          "process-count-independent data stream (as above)")
 def test_checkpoint_moves_between_process_counts(runs, tmp_path):
   """The 8-step checkpoint of each run continues to 12 steps on the other process count."""
   workdirs = {source: str(tmp_path / f"from{source}") for source in (2, 1)}

@@ -10,13 +10,15 @@ import json
 import math
 import os
 import signal
+import subprocess
 
 import pytest
 
 import _train_subprocess as ts
 from helpers import tiny_config
 from loopjax import phases
-from loopjax.config import ConfigError, load_config_file, validate
+from loopjax.checkpoint import list_checkpoints
+from loopjax.config import ConfigError, validate
 from loopjax.train.state import count_params
 
 RECIPES = os.path.join(ts.REPO, "configs")
@@ -71,12 +73,14 @@ def _recipe(**first_phase_overrides):
     ({"batch_tokens": 24}, "config.phases[0] ('a').batch_tokens", "not whole sequences"),
     ({"batch_tokens": 48}, "config.phases[0] ('a'): in this phase config.train.batch_size",
      "not divisible by the data-parallel size"),
-    ({"seq_len": 12, "batch_tokens": 48}, "config.phases[0] ('a'): in this phase config.model.loss_chunk", "does not divide"),
+    ({"seq_len": 12, "batch_tokens": 48}, "config.phases[0] ('a'): in this phase config.model.loss_chunk",
+     "does not divide"),
     ({"tokens": 64}, "config.phases[0] ('a').steps", "exactly one of steps"),
     ({"objective": "elbo"}, "config.phases[0] ('a').objective", "not one of"),
     ({"warmup_steps": 5}, "config.phases[0] ('a').warmup_steps", "exceed the phase"),
     ({"lr_shape": "cosine", "end_lr": 1.0}, "config.phases[0] ('a').lr", "end_lr <= lr"),
-    ({"batch_tokens": 128, "batch_ramp_from": 64, "batch_ramp_steps": 8}, "config.phases[0] ('a').steps", "inside the 8-step"),
+    ({"batch_tokens": 128, "batch_ramp_from": 64, "batch_ramp_steps": 8}, "config.phases[0] ('a').steps",
+     "inside the 8-step"),
     ({"data_weights": "1,2"}, "config.phases[0] ('a'): in this phase config.data.weights", "2 weights for 1"),
     ({"name": "b"}, "config.phases[0] ('b').name", "used twice"),
 ])
@@ -130,9 +134,9 @@ SMOKE = ["--config", "configs/recipe_smoke.py", f"--compile_cache={ts.CACHE}"]
 
 def run_smoke(workdir):
   os.makedirs(workdir, exist_ok=True)
-  proc = ts.subprocess.Popen([ts.LOOPJAX, "train", *SMOKE, f"--workdir={workdir}"], cwd=ts.REPO,
-                             stdout=open(workdir + ".log", "a"), stderr=ts.subprocess.STDOUT)
-  return proc
+  with open(workdir + ".log", "a") as log:  # ts.output(workdir) reads it
+    return subprocess.Popen([ts.LOOPJAX, "train", *SMOKE, f"--workdir={workdir}"], cwd=ts.REPO, stdout=log,
+                            stderr=subprocess.STDOUT)
 
 
 @pytest.fixture(scope="module")
@@ -158,12 +162,15 @@ def test_smoke_recipe_runs_every_setting_it_promises(smoke_run):
   starts = {e["phase"]: e for e in events if e["event"] == "start"}
   ends = {e["phase"]: e for e in events if e["event"] == "end"}
   assert list(starts) == list(ends) == ["1a", "1b", "2", "3", "4", "gate"]
-  step = 0
+  step, boundaries = 0, {}
   for name in ends:
     mine = [w for w in expected if w["phase"] == name]
     assert starts[name]["step"] == step and ends[name]["step"] == step + len(mine)
     assert ends[name]["tokens"] == sum(w["batch_tokens"] for w in mine) and ends[name]["wall_seconds"] > 0
     step += len(mine)
+    boundaries[step] = name
+  kept = {r["step"]: r["phase"] for r in list_checkpoints(os.path.join(smoke_run, "checkpoints")) if r["complete"]}
+  assert {s: kept.get(s) for s in boundaries} == boundaries  # every boundary, named, kept beyond checkpoint.keep
 
 
 @pytest.mark.slow

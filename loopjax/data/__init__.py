@@ -6,22 +6,26 @@ never across documents), `segment_ids` (int32, 0 = padding, 1.. = documents in t
 `positions` (int32, restarting at 0 per document).
 """
 
-import grain
-
 from loopjax.data import pipeline, records, tasks
 
 
 def make_train_iterator(data_cfg, *, seq_len: int, global_batch: int, seed: int,
-                        process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
+                        process_index: int = 0, process_count: int = 1) -> pipeline.ShardedIterator:
   """This process's unbounded stream of training batches with global_batch // process_count rows.
 
-  The iterator's get_state()/set_state() resume the exact stream (put the state in checkpoints).
+  The global batch does not depend on process_count (see pipeline.py). The iterator's
+  get_state()/set_state() resume the exact stream (put the state in checkpoints).
   """
-  if global_batch % process_count:
-    raise ValueError(f"global batch {global_batch} is not divisible by {process_count} processes")
-  dataset = pipeline.build_dataset(data_cfg, seq_len=seq_len, local_batch=global_batch // process_count,
-                                   seed=seed, process_index=process_index, process_count=process_count)
-  return iter(dataset)
+  shards = pipeline.num_shards(data_cfg, global_batch)
+  if global_batch % shards or shards % process_count:
+    raise ValueError(f"data.num_shards={shards} must divide the global batch {global_batch} and be a "
+                     f"multiple of the {process_count} processes")
+  per_process = shards // process_count
+  mine = range(process_index * per_process, (process_index + 1) * per_process)
+  return pipeline.ShardedIterator({
+      shard: pipeline.build_dataset(data_cfg, seq_len=seq_len, local_batch=global_batch // shards, seed=seed,
+                                    shard=shard, shard_count=shards)
+      for shard in mine})
 
 
 def data_vocab_size(data_cfg) -> int:

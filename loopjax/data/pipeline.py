@@ -1,16 +1,23 @@
-"""The grain training pipeline: sources -> this process's slice -> shuffle -> mixture -> packed batches.
+"""The grain training pipeline: sources -> data shards -> shuffle -> mixture -> packed rows -> batches.
 
-Each source is a MapDataset of documents. A process keeps every process_count-th document starting at
-its process_index before anything random happens, so the processes read disjoint slices whose union is
-the whole source, with no coordination. Corpora are shuffled per epoch by grain's index shuffle
-(a permutation, so it needs no buffer and restores from an index); synthetic tasks are random already.
-Weighted mixtures use grain's MapDataset.mix. Everything after `to_iter_dataset` (chunking, packing,
-batching) is a grain IterDataset, so `get_state()/set_state()` resumes the exact stream.
+The data is split into `num_shards` logical shards, fixed by the config and not by the number of
+processes: shard k reads every num_shards-th document starting at k, packs its own rows, and gives
+global_batch / num_shards rows to every global batch. A process owns a contiguous block of shards and
+its local batch is their rows in shard order, so the global batch (processes in order) is the same
+whatever the process count, and the iterator state is a per-shard dict that a checkpoint can hand to
+a different number of processes. The shards are disjoint and together cover every source.
+
+Corpora are shuffled per epoch by grain's index shuffle (a permutation, so it needs no buffer and
+restores from an index); synthetic tasks are random already. Weighted mixtures use grain's
+MapDataset.mix. Everything after `to_iter_dataset` (chunking, packing, batching) is a grain
+IterDataset, so `get_state()/set_state()` resumes the exact stream.
 """
 
+import math
 import sys
 
 import grain
+import numpy as np
 
 from loopjax.data import packing, records, tasks
 
@@ -31,26 +38,31 @@ def _source_seed(seed: int, i: int) -> int:
   return (seed * 1_000_003 + 7_919 * i) % 2**32
 
 
-def documents(name: str, data_cfg, *, seed: int, process_index: int, process_count: int,
+def num_shards(data_cfg, global_batch: int) -> int:
+  """data.num_shards, or by default gcd(global_batch, 64): up to 64 processes can share the stream."""
+  return data_cfg.num_shards or math.gcd(global_batch, 64)
+
+
+def documents(name: str, data_cfg, *, seed: int, shard: int, shard_count: int,
               num_epochs: int | None) -> grain.MapDataset:
-  """This process's documents of one source, in training order (unbounded unless num_epochs)."""
+  """One shard's documents of one source, in training order (unbounded unless num_epochs)."""
   if name in tasks.TASK_NAMES:
     task = tasks.make_task(name, data_cfg)
-    indices = grain.MapDataset.range(sys.maxsize)[process_index::process_count]
+    indices = grain.MapDataset.range(sys.maxsize)[shard::shard_count]
     return indices.map(lambda i: task.train_example(seed, i))
-  docs = records.corpus_documents(name)[process_index::process_count]
+  docs = records.corpus_documents(name)[shard::shard_count]
   if data_cfg.shuffle:
     docs = docs.shuffle(seed=seed)
   return docs.repeat(num_epochs)
 
 
-def build_dataset(data_cfg, *, seq_len: int, local_batch: int, seed: int, process_index: int = 0,
-                  process_count: int = 1, num_epochs: int | None = None,
+def build_dataset(data_cfg, *, seq_len: int, local_batch: int, seed: int, shard: int = 0,
+                  shard_count: int = 1, num_epochs: int | None = None,
                   drop_remainder: bool = True) -> grain.IterDataset:
-  """The IterDataset of batches for one process; unbounded unless num_epochs is given."""
+  """The IterDataset of one shard's batches (`local_batch` rows); unbounded unless num_epochs."""
   names = source_names(data_cfg)
-  sources = [documents(name, data_cfg, seed=_source_seed(seed, i), process_index=process_index,
-                       process_count=process_count, num_epochs=num_epochs)
+  sources = [documents(name, data_cfg, seed=_source_seed(seed, i), shard=shard, shard_count=shard_count,
+                       num_epochs=num_epochs)
              for i, name in enumerate(names)]
   docs = sources[0] if len(sources) == 1 else grain.MapDataset.mix(sources, source_weights(data_cfg))
   loss_on = data_cfg.loss_on
@@ -62,3 +74,37 @@ def build_dataset(data_cfg, *, seq_len: int, local_batch: int, seed: int, proces
   if data_cfg.num_workers > 0:
     batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.num_workers))
   return batches
+
+
+class ShardedIterator:
+  """A process's data shards read in lock step: each batch is the shards' rows in shard order.
+
+  `get_state()` is {shard id: that shard's grain state}; `set_state()` takes a dict holding (at
+  least) this process's shards, e.g. one gathered from every process of a run with another count.
+  """
+
+  def __init__(self, shard_datasets: dict[int, grain.IterDataset]):
+    self.iterators = {shard: iter(ds) for shard, ds in sorted(shard_datasets.items())}
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    parts = [next(it) for it in self.iterators.values()]
+    return parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+  def get_state(self) -> dict:
+    return {str(shard): it.get_state() for shard, it in self.iterators.items()}
+
+  def set_state(self, state: dict):
+    missing = [shard for shard in self.iterators if str(shard) not in state]
+    if missing:
+      raise ValueError(f"the data state has no entry for shards {missing}: it was saved with a different "
+                       "data.num_shards")
+    for shard, it in self.iterators.items():
+      it.set_state(state[str(shard)])
+
+  def close(self):
+    for it in self.iterators.values():
+      if hasattr(it, "close"):
+        it.close()

@@ -5,11 +5,13 @@ never finished, mixture weights that do not match the sources, corpora prepared 
 tokenizers, or a model vocabulary smaller than the ids the data contains.
 """
 
+import jax
+
 from loopjax import config, data
 from loopjax.data import packing, pipeline, records, tasks
 
 _POSITIVE = ("mano_max_ops", "multihop_people", "multihop_relations", "capo_people", "capo_attributes")
-_NON_NEGATIVE = ("packing_bins", "num_workers", "read_threads", "task_seed", "multihop_train_questions")
+_NON_NEGATIVE = ("num_shards", "packing_bins", "num_workers", "read_threads", "task_seed", "multihop_train_questions")
 
 
 def _fail(field: str, problem: str, fix: str):
@@ -68,6 +70,10 @@ def validate_data(cfg) -> None:
   if cfg.train.seed < 0:
     _fail("train.seed", f"must be >= 0 (it seeds the data pipeline), got {cfg.train.seed}",
           "use a non-negative seed")
+  shards, processes = pipeline.num_shards(d, cfg.train.batch_size), jax.process_count()
+  if cfg.train.batch_size % shards or shards % processes:
+    _fail("data.num_shards", f"{shards} shards must divide train.batch_size={cfg.train.batch_size} and be a "
+          f"multiple of the {processes} processes", "choose a divisor of the batch that the process count divides")
   _check_sources(d)
   need = data.data_vocab_size(d)
   if cfg.model.vocab_size < need:

@@ -27,6 +27,7 @@ from jax.sharding import Mesh
 from loopjax import checkpoint as checkpoint_lib
 from loopjax import config as config_lib
 from loopjax import data as data_lib
+from loopjax import distributed
 from loopjax import evaluation
 from loopjax import metrics as metrics_lib
 from loopjax import sharding
@@ -86,11 +87,12 @@ def global_batch(local_batch: dict, mesh: Mesh) -> dict:
           for k in step_lib.BATCH_KEYS}
 
 
-def make_checkpointer(cfg, workdir: str) -> checkpoint_lib.Checkpointer:
+def make_checkpointer(cfg, workdir: str, keep_steps=()) -> checkpoint_lib.Checkpointer:
+  """The run's checkpointer; `keep_steps` are never deleted (a staged recipe's phase boundaries)."""
   k = cfg.checkpoint
   return checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=k.every_steps,
                                      every_minutes=k.every_minutes, keep=k.keep, keep_period=k.keep_period,
-                                     async_save=k.async_save)
+                                     async_save=k.async_save, keep_steps=keep_steps)
 
 
 class Preemption:
@@ -247,6 +249,7 @@ def run_steps(trainer: Trainer, ckpt, preemption: Preemption, session: Session, 
     compiled_step = trainer.train_step.lower(state, batch).compile() if batch is not None else None
     compile_seconds = time.perf_counter() - compile_start
     log.info("compiled the train step in %.1f s", compile_seconds)
+    distributed.barrier("train_step_compiled")  # gloo drops peers > 30 s late to the first collective
     window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
     for step in range(start, end):
       if batch is None:
