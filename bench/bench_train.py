@@ -16,6 +16,8 @@ import argparse
 import math
 import os
 
+import numpy as np
+
 import common
 from loopjax import metrics as metrics_lib
 
@@ -74,6 +76,9 @@ def loops_table(name, args):
           for T, c in cells.items()]
   common.print_table(f"{describe(name, cfg, bench)}, remat {cfg.model.remat}; load avg {os.getloadavg()[0]:.1f}",
                      ("T", *TIMING_HEADERS, "wall(T) / T wall(1)", "CPU(T) / T CPU(1)", "compile s"), rows)
+  for key, what in (("step_s", "wall"), ("cpu_s", "CPU")):
+    per_step, fixed = np.polyfit(LOOP_STEPS, [1e3 * cells[T][key] for T in LOOP_STEPS], 1)
+    print(f"least-squares fit, {what}: {fixed:,.0f} ms fixed + {per_step:,.0f} ms per loop step")
 
 
 def remat_table(args):
@@ -109,9 +114,13 @@ def main():
   parser.add_argument("--min-steps", type=int, default=1, help="timed steps per variant per round, at least")
   parser.add_argument("--round-seconds", type=float, default=1.0,
                       help="timed steps per round are raised until a round lasts about this long")
+  parser.add_argument("--peak-gflops", type=float, default=0.0,
+                      help="MFU denominator; 0 = loopjax.metrics.peak_flops() (a matmul measured now, low when "
+                           "the machine is busy)")
   args = parser.parse_args()
-  args.peak = metrics_lib.peak_flops()
-  print(f"{common.machine_line()}; MFU peak (loopjax.metrics, measured f32 matmul) {args.peak / 1e9:.0f} GFLOP/s")
+  args.peak = args.peak_gflops * 1e9 or metrics_lib.peak_flops()
+  source = "given" if args.peak_gflops else "measured by loopjax.metrics.peak_flops()"
+  print(f"{common.machine_line()}; MFU peak {args.peak / 1e9:.0f} GFLOP/s ({source})")
   tables = args.tables.split(",")
   if "loops" in tables:
     for name in args.configs.split(","):
