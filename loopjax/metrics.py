@@ -31,13 +31,10 @@ PEAK_FLOPS_PER_DEVICE = {
 
 
 def matmul_params_per_step(m) -> int:
-  """Parameters used in matmuls by one loop step (embedding lookups excluded; the head included)."""
+  """Ouro parameters used in matmuls by one loop step: the stack, the LM head and the gate."""
   D, F, V = m.hidden_size, m.mlp_dim, m.vocab_size
-  if m.kind == "ouro":
-    attn = D * m.head_dim * (2 * m.num_heads + 2 * m.num_kv_heads)
-    return m.num_layers * (attn + 3 * D * F) + D * V + D
-  per_layer = 4 * D * D + 2 * D * F
-  return m.num_layers * per_layer
+  attn = D * m.head_dim * (2 * m.num_heads + 2 * m.num_kv_heads)
+  return m.num_layers * (attn + 3 * D * F) + D * V + D
 
 
 def train_flops_per_token(m, seq_len: int) -> float:

@@ -60,14 +60,6 @@ def make_train_step(cfg, graphdef, optimizer: optax.GradientTransformation,
   return train_step
 
 
-def make_eval_step(cfg, graphdef, loop_steps: int | None = None):
-  """eval_step(params, batch) -> metrics: the objective's metrics at any loop count."""
-  def eval_step(params, batch: dict):
-    loss, metrics = objective(cfg, graphdef, params, batch, loop_steps)
-    return dict(metrics, loss=loss)
-  return eval_step
-
-
 def jit_train_step(train_step, state_shardings: TrainState, mesh: Mesh):
   """jit with the state's shardings in and out, the batch sharded on its batch axes, state donated.
 
