@@ -54,7 +54,7 @@ def measure(name, cfg, steps: int, root: str) -> dict:
       saver.wait()
       total.append(time.perf_counter() - start)
     size = _dir_bytes(os.path.join(directory, "3"))
-    target = {"params": bench.abstract_state().params, "opt_state": bench.abstract_state().opt_state}
+    target = {"params": bench.abstract.params, "opt_state": bench.abstract.opt_state}
     restore = []
     for step in (1, 2, 3):
       start = time.perf_counter()

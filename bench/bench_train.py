@@ -19,10 +19,12 @@ import os
 import numpy as np
 
 import common
+from loopjax import config as config_lib
 from loopjax import metrics as metrics_lib
+from loopjax.model import flops_per_token
 
 LOOP_STEPS = (1, 2, 4, 8)
-REMAT_POLICIES = ("none", "full", "save_matmuls", "save_attention_out")
+REMAT_POLICIES = config_lib.REMAT_POLICIES
 
 
 def run_interleaved(bench, variants, args):
@@ -46,7 +48,7 @@ def run_interleaved(bench, variants, args):
     del c["compiled"], c["state"]
     c["step_s"], c["cpu_s"] = common.median(c["wall"]), common.median(c["cpu"])
     c["tokens_s"] = cfg.train.batch_size * cfg.train.seq_len / c["step_s"]
-    c["flops_s"] = c["tokens_s"] * metrics_lib.train_flops_per_token(cfg.model, cfg.train.seq_len)
+    c["flops_s"] = c["tokens_s"] * flops_per_token(cfg.model, cfg.train.seq_len)
     c["mfu"] = c["flops_s"] / args.peak
   return cells
 

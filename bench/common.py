@@ -1,6 +1,6 @@
 """Shared pieces of the benchmarks: configs, a synthetic batch, the real jitted train step, tables.
 
-Benchmarks time `loopjax.train.step.jit_train_step(make_train_step(...))`, the exact step
+Benchmarks time `loopjax.train.trainer.build_trainer(...).train_step`, the exact step
 `loopjax train` runs, on one host device mesh, with a fixed random batch (one full-length document
 per row, so the attention mask is plainly causal). Data loading is not timed.
 """
@@ -13,12 +13,9 @@ import time
 import jax
 import numpy as np
 
-from loopjax import config as config_lib
-from loopjax import sharding
 from loopjax.train import state as state_lib
-from loopjax.train import step as step_lib
-from loopjax.train.loop import global_batch
-from loopjax.train.optim import make_optimizer
+from loopjax.train.driver import global_batch
+from loopjax.train.trainer import build_trainer, make_mesh
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,36 +60,24 @@ def synthetic_batch(cfg, seed: int = 0) -> dict:
 
 
 class Bench:
-  """The parts of a training setup that do not depend on T or the remat policy: mesh, optimizer, state."""
+  """The parts of a training setup that do not depend on T or the remat policy: mesh, state, batch."""
 
   def __init__(self, cfg, init_state: bool = True):
     self.cfg = cfg
-    self.mesh = sharding.make_mesh(config_lib.validate(cfg, jax.device_count()))
-    self.optimizer = make_optimizer(cfg.optim, cfg.train.steps)
+    self.mesh = make_mesh(cfg)
+    trainer = build_trainer(cfg, self.mesh)
     self.num_params = state_lib.count_params(cfg.model)
-    if init_state:
-      self.state, self.shardings = state_lib.init_train_state(cfg.model, self.optimizer, self.mesh, cfg.train.seed)
-    else:
-      self.state, self.shardings = None, state_lib.state_shardings(cfg.model, self.optimizer, self.mesh)
+    self.state = trainer.init_state() if init_state else None
+    self.abstract = trainer.abstract_state
     self.batch = global_batch(synthetic_batch(cfg), self.mesh)
 
   def jitted_step(self, cfg):
-    """The real jitted train step for `cfg` (same shapes of state and batch as self.cfg).
-
-    The graphdef is rebuilt from `cfg.model`: the model reads T and the remat policy from the config
-    it was built with, not from the `cfg` given to `make_train_step`.
-    """
-    graphdef, _ = state_lib.model_graph(cfg.model)
-    return step_lib.jit_train_step(step_lib.make_train_step(cfg, graphdef, self.optimizer),
-                                   self.shardings, self.mesh)
-
-  def abstract_state(self):
-    abstract = jax.eval_shape(state_lib.init_fn(self.cfg.model, self.optimizer), jax.random.key(0))
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, self.shardings)
+    """The real jitted train step for `cfg` (same shapes of state and batch as self.cfg)."""
+    return build_trainer(cfg, self.mesh).train_step
 
   def compile(self, cfg, state=None):
     """(compiled step, lower seconds, compile seconds) of the train step for `cfg`."""
-    state = self.abstract_state() if state is None else state
+    state = self.abstract if state is None else state
     with jax.set_mesh(self.mesh):
       start = time.perf_counter()
       lowered = self.jitted_step(cfg).lower(state, self.batch)

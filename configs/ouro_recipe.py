@@ -32,6 +32,7 @@ def get_config(path: str = "1p4b"):
   if size not in ("1p4b", "2p6b") or mapping not in ("", "stack"):
     raise ValueError(f"configs/ouro_recipe.py:{path}: use 1p4b, 2p6b or 2p6b-stack")
   c = load_config_file("ouro_1p4b.py", relative_to=__file__)  # the 24-layer model the recipe starts from
+  c.train.steps = 0  # the recipe's own length (N > 0: the recipe scaled to N steps)
   fork = {"layers": 48, "mapping": mapping or "interleave", "moments": "duplicate"} if size == "2p6b" else {}
   c.phases = (
       phase(name="1a", tokens=3 * 10**12, lr=3e-4, warmup_steps=2000, batch_tokens=8 * M, batch_ramp_from=4 * M,

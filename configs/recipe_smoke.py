@@ -28,6 +28,7 @@ def get_config():
   c.data.source = "mano,multihop,capo"
   c.train.seq_len, c.train.batch_size = 32, 8
   c.train.log_every = 1
+  c.train.steps = 0  # the recipe's own length (N > 0: the recipe scaled to N steps)
   c.train.progress = False
   c.checkpoint.every_steps = 3  # so a restart also resumes inside a phase
   c.checkpoint.keep = 3

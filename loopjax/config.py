@@ -10,13 +10,16 @@ model.loop_steps, model.num_layers, mesh.data, mesh.fsdp, mesh.tensor.
 """
 
 import importlib.util
+import inspect
 import math
 import os
 
 import ml_collections
 
-REMAT_POLICIES = ("none", "full", "save_matmuls", "save_attention_out")
-MODEL_KINDS = ("ouro", "loop_residual")
+from loopjax.model import MODEL_KINDS
+from loopjax.model.stack import REMAT_POLICIES as STACK_REMAT_POLICIES
+
+REMAT_POLICIES = ("none", *STACK_REMAT_POLICIES)
 SCHEDULES = ("constant", "warmup_constant", "cosine", "wsd")
 PRIORS = ("uniform", "geometric")
 NAN_POLICIES = ("skip", "stop")
@@ -74,7 +77,7 @@ def default_config() -> ml_collections.ConfigDict:
   p.clip_norm = 1.0
 
   c.train = t = ml_collections.ConfigDict()
-  t.steps = 100
+  t.steps = 100  # optimizer steps; with `phases`: 0 = the recipe's own length, N = the recipe scaled to N
   t.seed = 0
   t.log_every = 10
   t.batch_size = 8  # global batch, in sequences
@@ -83,6 +86,9 @@ def default_config() -> ml_collections.ConfigDict:
   # A step whose loss or grad norm is NaN/Inf never updates the weights (the step's NaN guard);
   # "skip" counts it (metrics: nonfinite_steps) and goes on, "stop" ends the run with the step number.
   t.nan_policy = "skip"
+  # jax.profiler trace of steps profile_start+1 .. profile_start+profile_steps into WORKDIR/profile (0 = off).
+  t.profile_start = 0
+  t.profile_steps = 0
 
   c.checkpoint = k = ml_collections.ConfigDict()
   # Checkpoints live in WORKDIR/checkpoints; `loopjax train` resumes from the newest complete one.
@@ -138,13 +144,22 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def load_config_file(path: str, relative_to: str | None = None) -> ml_collections.ConfigDict:
-  """`get_config()` of a config file; a relative `path` resolves against the file `relative_to`."""
+  """`get_config()` of a config file, or `get_config(ARG)` for "file.py:ARG" (like ml_collections' flags).
+
+  A relative `path` resolves against the file `relative_to` (configs that build on other configs).
+  """
+  path, _, arg = path.partition(":") if not os.path.exists(path) else (path, "", "")
   if relative_to is not None and not os.path.isabs(path):
     path = os.path.join(os.path.dirname(os.path.abspath(relative_to)), path)
+  if not os.path.isfile(path):
+    raise ConfigError(f"--config: no config file {path!r}. Fix: give a path such as configs/smoke.py")
   spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  takes_arg = bool(inspect.signature(module.get_config).parameters)
+  if arg and not takes_arg:
+    raise ConfigError(f"--config: {path}:{arg}: this file's get_config() takes no argument. Fix: drop ':{arg}'")
+  return module.get_config(arg) if arg else module.get_config()
 
 
 def config_from_dict(values: dict) -> ml_collections.ConfigDict:
@@ -200,7 +215,12 @@ def resolve_mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
 
 
 def validate(cfg, num_devices: int) -> tuple[int, int, int]:
-  """Checks everything that can be checked before compiling; returns the resolved mesh shape."""
+  """Checks the config alone (no files, no devices but their count); returns the resolved mesh shape.
+
+  What needs more than the config is checked where the run is set up: data sources and their
+  vocabulary (`loopjax.data.validate`, reads corpus manifests) and a staged recipe's phases
+  (`loopjax.phases.plan`, which puts every phase's derived config through this function).
+  """
   m, t = cfg.model, cfg.train
   _check_choice(cfg, "model.kind", MODEL_KINDS)
   _check_choice(cfg, "model.remat", REMAT_POLICIES)
@@ -238,9 +258,12 @@ def validate(cfg, num_devices: int) -> tuple[int, int, int]:
     _fail("objective.geometric_lambda", f"must be in (0, 1), got {cfg.objective.geometric_lambda}",
           "choose a per-step exit probability strictly between 0 and 1")
   for field in ("steps", "batch_size", "seq_len", "log_every"):
-    if t[field] < 1:
+    if t[field] < 1 and not (field == "steps" and cfg.phases):
       _fail(f"train.{field}", f"must be >= 1, got {t[field]}", f"set --config.train.{field} to a positive integer")
   _check_choice(cfg, "train.nan_policy", NAN_POLICIES)
+  if t.profile_steps < 0 or (t.profile_steps and t.profile_start < 1):
+    _fail("train.profile_steps", f"profile_start={t.profile_start}, profile_steps={t.profile_steps}",
+          "trace after the first (compiling) step: profile_start >= 1, and profile_steps >= 0 (0 = no trace)")
   k = cfg.checkpoint
   for field in ("every_steps", "every_minutes", "keep_period"):
     if k[field] < 0:
@@ -252,10 +275,6 @@ def validate(cfg, num_devices: int) -> tuple[int, int, int]:
   o = cfg.optim
   if o.warmup_steps < 0 or o.decay_steps < 0:
     _fail("optim.warmup_steps", "warmup_steps and decay_steps must be >= 0", "use non-negative step counts")
-  if o.schedule == "wsd" and o.warmup_steps + o.decay_steps > t.steps:
-    _fail("optim.decay_steps", f"warmup {o.warmup_steps} + decay {o.decay_steps} > train.steps={t.steps}",
-          "shorten warmup/decay or train longer")
-
   data, fsdp, tensor = resolve_mesh_shape(cfg.mesh, num_devices)
   if t.batch_size % (data * fsdp):
     _fail("train.batch_size", f"{t.batch_size} is not divisible by the data-parallel size "
@@ -282,9 +301,4 @@ def validate(cfg, num_devices: int) -> tuple[int, int, int]:
           f"use a multiple of {data * fsdp} (or 0 for train.batch_size)")
   if not 0 <= e.q_exit <= 1:
     _fail("eval.q_exit", f"{e.q_exit} is outside [0, 1]", "use a threshold between 0 and 1")
-  from loopjax.data.validate import validate_data  # data sources, weights and vocabulary
-  validate_data(cfg)
-  if cfg.phases:
-    from loopjax import phases  # every phase's derived config goes through the checks above
-    phases.plan(cfg, num_devices)
   return data, fsdp, tensor

@@ -55,20 +55,26 @@ _FIELDS = {"coordinator": str, "num_processes": int, "process_id": int, "local_d
            "initialization_timeout": int}
 
 
-def define_flags():
-  """The absl flags of `loopjax train`; each defaults to its LOOPJAX_<NAME> environment variable."""
-  from absl import flags
-  flags.DEFINE_string("coordinator", None, "host:port of process 0 (env LOOPJAX_COORDINATOR)")
-  flags.DEFINE_integer("num_processes", None, "number of JAX processes (env LOOPJAX_NUM_PROCESSES)")
-  flags.DEFINE_integer("process_id", None, "this process's id, 0..num_processes-1 (env LOOPJAX_PROCESS_ID)")
-  flags.DEFINE_integer("local_devices", None, "fake CPU devices per process (env LOOPJAX_LOCAL_DEVICES)")
-  flags.DEFINE_integer("initialization_timeout", None,
-                       f"seconds to wait for every process to join (env LOOPJAX_INITIALIZATION_TIMEOUT, "
-                       f"default {DEFAULT_TIMEOUT})")
+def add_arguments(parser):
+  """The flags of `loopjax train` (argparse); each unset one falls back to its LOOPJAX_<NAME> variable."""
+  group = parser.add_argument_group("multi-process start-up (each flag defaults to its environment variable)")
+  group.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address (env LOOPJAX_COORDINATOR)")
+  group.add_argument("--num_processes", type=int, metavar="N",
+                     help="number of JAX processes (env LOOPJAX_NUM_PROCESSES)")
+  group.add_argument("--process_id", type=int, metavar="ID",
+                     help="this process's id, 0..num_processes-1 (env LOOPJAX_PROCESS_ID)")
+  group.add_argument("--local_devices", type=int, metavar="N",
+                     help="fake CPU devices per process (env LOOPJAX_LOCAL_DEVICES)")
+  group.add_argument("--initialization_timeout", type=int, metavar="SECONDS",
+                     help="seconds to wait for every process to join (env LOOPJAX_INITIALIZATION_TIMEOUT, "
+                          f"default {DEFAULT_TIMEOUT})")
 
 
 def settings_from(flag_values=None, environ=None) -> Settings:
-  """Settings from absl flag values where set, else LOOPJAX_* environment variables."""
+  """Settings from parsed flags where set, else from the LOOPJAX_* environment variables.
+
+  flag_values: an argparse Namespace, or any object with these attributes (None: environment only).
+  """
   environ = os.environ if environ is None else environ
   values = {}
   for name, kind in _FIELDS.items():
@@ -182,7 +188,7 @@ def _join(settings: Settings, args: dict):
   def give_up():
     address = args.get("coordinator_address") or _coordinator_seen()
     message = (
-        f"loopjax: {who} could not join the JAX distributed runtime at coordinator {address} within "
+        f"{who} could not join the JAX distributed runtime at coordinator {address} within "
         f"{timeout} s: {_probe(address)}. Fix: start every process with the same coordinator address "
         f"(process 0's host and a free port, reachable from this host through any firewall), the same "
         f"num_processes, and each process_id in 0..num_processes-1 exactly once; process 0 hosts the "

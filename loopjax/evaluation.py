@@ -25,8 +25,10 @@ from loopjax import data as data_lib
 from loopjax import exits, sharding
 from loopjax.data import evaluate as task_eval
 from loopjax.data import pipeline, tasks
+from loopjax.data.validate import validate_data
 from loopjax.model.heads import lm_logits, token_cross_entropy
 from loopjax.train import state as state_lib
+from loopjax.train.trainer import make_mesh
 
 EVAL_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
@@ -69,9 +71,13 @@ def to_global(batch: dict, mesh) -> dict:
           for k in EVAL_KEYS}
 
 
-def make_eval_step(cfg, graphdef, loop_steps: int):
-  """eval_step(params, batch) -> (token-summed metrics, predictions [T,B,S], Q-exit predictions [B,S])."""
+def make_eval_step(cfg, loop_steps: int):
+  """eval_step(params, batch) -> (token-summed metrics, predictions [T,B,S], Q-exit predictions [B,S]).
+
+  The model is `cfg.model` run for `loop_steps` loop steps (any T, not only the trained one).
+  """
   o = cfg.objective
+  graphdef, _ = state_lib.model_graph(cfg.model)
 
   def eval_step(params, batch):
     model = nnx.merge(graphdef, params)
@@ -80,7 +86,7 @@ def make_eval_step(cfg, graphdef, loop_steps: int):
       logits_BSV = lm_logits(h_BSD, kernel_DV)
       return token_cross_entropy(logits_BSV, batch["targets"]), jnp.argmax(logits_BSV, -1).astype(jnp.int32)
 
-    (ce_TBS, pred_TBS), gate_TBS = model.run_steps(
+    (ce_TBS, pred_TBS), gate_TBS = model.run_loop(
         batch["inputs"], read_out, segment_ids_BS=batch["segment_ids"], positions_BS=batch["positions"],
         loop_steps=loop_steps)
     loss, means = exits.stage1_loss(ce_TBS, gate_TBS, batch["loss_mask"], beta=o.beta, prior=o.prior,
@@ -96,13 +102,13 @@ def make_eval_step(cfg, graphdef, loop_steps: int):
 class Evaluator:
   """Held-out batches placed on the mesh and one jitted eval step per T, built once per run."""
 
-  def __init__(self, cfg, graphdef, mesh, batches: list[dict] | None = None):
+  def __init__(self, cfg, mesh, batches: list[dict] | None = None):
     self.cfg, self.mesh = cfg, mesh
     self.batches = eval_batches(cfg) if batches is None else batches
     self.score = is_task(cfg)
     with jax.set_mesh(mesh):
       self.global_batches = [to_global(b, mesh) for b in self.batches]
-    self.steps = {T: jax.jit(make_eval_step(cfg, graphdef, T)) for T in eval_loop_steps(cfg)}
+    self.steps = {T: jax.jit(make_eval_step(cfg, T)) for T in eval_loop_steps(cfg)}
 
   def __call__(self, params) -> dict:
     """Flat metrics {"eval_T{T}/<name>": value or per-step list} over all batches, for every T."""
@@ -151,12 +157,13 @@ def evaluate_checkpoint(checkpoint_dir: str, *, step: int | None = None, source:
   if loop_steps:
     cfg.eval.loop_steps = loop_steps
   cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = -1, 1, 1
-  mesh = sharding.make_mesh(config_lib.validate(cfg, jax.device_count()))
-  graphdef, abstract = state_lib.model_graph(cfg.model)
+  mesh = make_mesh(cfg)
+  validate_data(cfg)
+  _, abstract = state_lib.model_graph(cfg.model)
   target = jax.tree.map(lambda a, spec: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, spec)),
                         nnx.to_pure_dict(abstract), state_lib.param_specs(cfg.model))
   restored = checkpoint.restore_params(checkpoint_dir, target, step=step)
-  return restored.step, Evaluator(cfg, graphdef, mesh)(restored.items["params"])
+  return restored.step, Evaluator(cfg, mesh)(restored.items["params"])
 
 
 def format_table(results: dict) -> str:

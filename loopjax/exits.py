@@ -33,9 +33,13 @@ def exit_distribution(gate_logits_T: jax.Array) -> jax.Array:
 
 
 def exit_cdf(gate_logits_T: jax.Array) -> jax.Array:
-  """CDF(n) = 1 - S_n for n < T and exactly 1 at n = T."""
+  """CDF(n) = 1 - S_n for n < T and exactly 1 at n = T.
+
+  1 - S_n is -expm1(log S_n): with 1 - exp(.) an exit probability below float32's epsilon (a gate
+  of -40 gives ~4e-18) would round to 0.
+  """
   log_survival_T = jnp.cumsum(jax.nn.log_sigmoid(-gate_logits_T), axis=0)
-  return (1.0 - jnp.exp(log_survival_T)).at[-1].set(1.0)
+  return (-jnp.expm1(log_survival_T)).at[-1].set(1.0)
 
 
 def entropy(log_p_T: jax.Array) -> jax.Array:

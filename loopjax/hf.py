@@ -2,34 +2,22 @@
 
 Torch stores Linear weights as [out, in]; loopjax keeps [in, out] with heads split out
 (wq [D, N, H], wo [N, H, D]) and layers stacked on a leading axis, so each tensor is transposed,
-reshaped and stacked here. Names are listed in SPEC section 1.
+reshaped and stacked. The names and layouts are the model kind's (`loopjax.model.ouro.HF`, SPEC
+section 1); this module reads the files and builds the config.
 """
 
 import glob
 import json
 import os
 
+import jax
 import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file
 
 from loopjax.config import default_config
+from loopjax.model import model_kind
 from loopjax.train.state import model_graph
-
-LAYER_TENSORS = {  # loopjax name -> (HF name inside model.layers.{i}., how to lay it out)
-    "wq": ("self_attn.q_proj.weight", "split_out_heads_q"),
-    "wk": ("self_attn.k_proj.weight", "split_out_heads_kv"),
-    "wv": ("self_attn.v_proj.weight", "split_out_heads_kv"),
-    "wo": ("self_attn.o_proj.weight", "split_in_heads"),
-    "w_gate": ("mlp.gate_proj.weight", "transpose"),
-    "w_up": ("mlp.up_proj.weight", "transpose"),
-    "w_down": ("mlp.down_proj.weight", "transpose"),
-    "norm_attn_in": ("input_layernorm.weight", "vector"),
-    "norm_attn_out": ("input_layernorm_2.weight", "vector"),
-    "norm_mlp_in": ("post_attention_layernorm.weight", "vector"),
-    "norm_mlp_out": ("post_attention_layernorm_2.weight", "vector"),
-}
-
 
 def model_config_from_hf(hf_config: dict, loop_steps: int | None = None):
   """The `model` section of a loopjax config for an Ouro config.json."""
@@ -51,40 +39,38 @@ def model_config_from_hf(hf_config: dict, loop_steps: int | None = None):
   return m
 
 
-def _layout(w: np.ndarray, how: str, m) -> np.ndarray:
-  if how == "vector":
-    return w
-  if how == "transpose":
-    return w.T
-  if how == "split_out_heads_q":
-    return w.T.reshape(m.hidden_size, m.num_heads, m.head_dim)
-  if how == "split_out_heads_kv":
-    return w.T.reshape(m.hidden_size, m.num_kv_heads, m.head_dim)
-  if how == "split_in_heads":
-    return w.T.reshape(m.num_heads, m.head_dim, m.hidden_size)
-  raise ValueError(how)
-
-
 def params_from_hf(tensors: dict, m) -> dict:
-  """loopjax's pure param dict (float32 numpy) from HF tensors of any float dtype."""
+  """loopjax's pure param dict (float32 numpy) from HF tensors of any float dtype.
+
+  Walks the params the model expects, so a missing or misshapen tensor fails here, by name; the
+  names and layouts are the model kind's (`ModelKind.hf`).
+  """
+  kind = model_kind(m.kind)
+  names = kind.hf
+  if names is None:
+    raise ValueError(f"model kind {m.kind!r} has no HF import")
+
   def get(name):
     if name not in tensors:
-      raise KeyError(f"Ouro checkpoint has no tensor {name!r} (is this an Ouro model with "
+      raise KeyError(f"{m.kind} checkpoint has no tensor {name!r} (is this a {m.kind!r} model with "
                      f"{m.num_layers} layers?)")
     return np.asarray(tensors[name], dtype=np.float32)
 
-  stack = {ours: np.stack([_layout(get(f"model.layers.{i}.{theirs}"), how, m) for i in range(m.num_layers)])
-           for ours, (theirs, how) in LAYER_TENSORS.items()}
-  params = {
-      "embed": get("model.embed_tokens.weight"),
-      "stack": stack,
-      "final_norm": get("model.norm.weight"),
-      "exit_gate": {"kernel": get("model.early_exit_gate.weight")[0],
-                    "bias": get("model.early_exit_gate.bias").reshape(())},
-  }
-  if not m.tie_embeddings:
-    params["lm_head"] = get("lm_head.weight").T
-  return params
+  def param(path: tuple, expected) -> np.ndarray:
+    if path[0] == kind.stack_key:
+      theirs, how = names.layer_tensors[path[1]]
+      value = np.stack([names.layout(get(names.layer_prefix.format(i=i) + theirs), how, m)
+                        for i in range(m.num_layers)])
+    else:
+      theirs, how = names.tensors[path]
+      value = names.layout(get(theirs), how, m)
+    if value.shape != expected.shape:
+      raise ValueError(f"HF tensor {theirs!r} gives {'.'.join(path)} the shape {value.shape}, but the "
+                       f"config asks for {expected.shape}")
+    return value
+
+  expected = nnx.to_pure_dict(model_graph(m)[1])
+  return jax.tree_util.tree_map_with_path(lambda path, x: param(tuple(k.key for k in path), x), expected)
 
 
 def load_ouro(path: str, loop_steps: int | None = None) -> nnx.Module:

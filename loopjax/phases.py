@@ -12,8 +12,13 @@ so each batch size compiles once). Steps are counted globally across phases, so 
 function of the step (`schedule`) and the optimizer never changes between phases.
 
 `plan(cfg, num_devices)` validates everything before anything is built: each segment's derived config
-goes through `config.validate` (batch divisibility, sequence length vs. positions and loss chunks, data
-sources and weights, ...) and errors name the phase: `config.phases[i] ('name'): <problem>. Fix: <fix>.`
+goes through `config.validate` (batch divisibility, sequence length vs. positions and loss chunks,
+mixture weights, ...) and errors name the phase: `config.phases[i] ('name'): <problem>. Fix: <fix>.`
+
+A config without phases is a one-phase, one-segment plan with the schedule `cfg.optim` describes, so
+the driver has one path. `train.steps` on a recipe: 0 runs it at its own length; N > 0 scales every
+phase (and its warmup and batch ramp) in proportion so the recipe runs in N steps, every phase kept
+(at least one step each): the way to smoke-test a recipe, `--config.train.steps=40`.
 """
 
 import dataclasses
@@ -24,6 +29,7 @@ import optax
 
 from loopjax import config as config_lib
 from loopjax import upscale
+from loopjax.train.optim import learning_rate_schedule, schedule_steps
 
 LR_SHAPES = ("constant", "cosine", "linear")
 OBJECTIVES = ("lm", "gate")
@@ -84,7 +90,11 @@ class Phase:
 
 
 class Plan(list):
-  """The phases in order, with `total_steps` and `phase_at(step)`."""
+  """The phases in order, with `total_steps`, `phase_at(step)`, the LR `schedule` of the whole run
+  and `notes` (adjustments the driver prints: a recipe scaled to train.steps, a shortened warmup)."""
+
+  schedule: optax.Schedule
+  notes: tuple[str, ...] = ()
 
   @property
   def total_steps(self) -> int:
@@ -108,6 +118,7 @@ def _segment(cfg, i: int, name: str, start: int, end: int, rows: int, values: di
     if where is not None:
       d[where[0]][where[1]] = values[key]
   d.model.num_layers, d.train.batch_size, d.checkpoint.phase = layers, rows, name
+  d.train.steps = end  # until `plan` knows the recipe's length
   d.optim.schedule = "constant"  # the recipe's schedule (`schedule`) replaces optim.schedule
   try:
     config_lib.validate(d, num_devices)
@@ -173,16 +184,48 @@ def _lengths(i, p, values, dp) -> list[tuple[int, int]]:
 
 
 def plan(cfg, num_devices: int) -> Plan:
-  """Validates `cfg.phases` and returns the Plan; raises ConfigError naming the phase and the fix."""
+  """Validates the config (and every phase of a recipe) and returns its Plan; ConfigError names the field."""
+  config_lib.validate(cfg, num_devices)
   if not cfg.phases:
-    raise config_lib.ConfigError("config.phases: empty. Fix: give at least one phase(...), or leave phases "
-                                 "out for a single-phase run.")
-  names = [p.name for p in cfg.phases]
-  values = {key: (cfg[w[0]][w[1]] if w else cfg.train.batch_size * cfg.train.seq_len)
-            for key, (w, _) in INHERITED.items()}
+    return _single_phase(cfg, num_devices)
+  phases = _plan_phases(cfg, cfg.phases, num_devices)
+  notes = ()
+  if cfg.train.steps and cfg.train.steps != phases.total_steps:
+    natural = phases.total_steps
+    phases = _plan_phases(cfg, _scaled_specs(phases, cfg.train.steps), num_devices)
+    notes = (f"recipe scaled from its {natural:,} steps to train.steps={cfg.train.steps} "
+             f"({', '.join(f'{ph.spec.name}: {ph.end - ph.start}' for ph in phases)}); "
+             "set --config.train.steps=0 for its own length",)
+  phases.schedule, phases.notes = schedule(phases), notes
+  return phases
+
+
+def _single_phase(cfg, num_devices: int) -> Plan:
+  """A config without phases: one phase, one segment, the schedule of `cfg.optim`."""
+  t = cfg.train
+  spec = phase(name=cfg.checkpoint.phase, steps=t.steps)
+  seg = _segment(cfg, 0, spec.name, 0, t.steps, t.batch_size, _base_values(cfg), cfg.model.num_layers,
+                 t.batch_size, num_devices)
+  end_lr = cfg.optim.lr if cfg.optim.schedule in ("constant", "warmup_constant") else cfg.optim.end_lr
+  phases = Plan([Phase(0, spec, 0, t.steps, t.steps * t.batch_size * t.seq_len, (seg,), cfg.model.num_layers,
+                       cfg.optim.lr, end_lr)])
+  seg.cfg.optim.schedule = cfg.optim.schedule  # `_segment` set the recipe's "constant"; this run has its own
+  phases.schedule = learning_rate_schedule(cfg.optim, t.steps)
+  phases.notes = tuple(note for note in [schedule_steps(cfg.optim, t.steps)[2]] if note)
+  return phases
+
+
+def _base_values(cfg) -> dict:
+  return {key: (cfg[w[0]][w[1]] if w else cfg.train.batch_size * cfg.train.seq_len)
+          for key, (w, _) in INHERITED.items()}
+
+
+def _plan_phases(cfg, specs, num_devices: int) -> Plan:
+  names = [p.name for p in specs]
+  values = _base_values(cfg)
   data, fsdp, _ = config_lib.resolve_mesh_shape(cfg.mesh, num_devices)
   layers, step, lr, phases = cfg.model.num_layers, 0, cfg.optim.lr, Plan()
-  for i, p in enumerate(cfg.phases):
+  for i, p in enumerate(specs):
     if not p.name or "/" in p.name or names.count(p.name) > 1:
       _fail(i, p.name, "name", f"{p.name!r} is empty, has a '/' or is used twice", "give each phase a unique name")
     values.update({key: p[key] for key, (_, unset) in INHERITED.items() if p[key] != unset})
@@ -212,6 +255,32 @@ def plan(cfg, num_devices: int) -> Plan:
   for s in (s for ph in phases for s in ph.segments):
     s.cfg.train.steps = step  # every derived config knows the recipe's length
   return phases
+
+
+def _scaled_specs(phases: Plan, total: int) -> tuple:
+  """The phase specs with lengths (and warmups, batch ramps) scaled so the recipe takes `total` steps."""
+  if total < len(phases):
+    raise config_lib.ConfigError(
+        f"config.train.steps: {total} steps cannot hold the recipe's {len(phases)} phases. Fix: use at least "
+        f"{len(phases)} steps, or 0 for the recipe's own length ({phases.total_steps:,} steps).")
+  lengths = [ph.end - ph.start for ph in phases]
+  shares = [n * total / phases.total_steps for n in lengths]
+  steps = [max(1, int(x)) for x in shares]
+  by_remainder = sorted(range(len(steps)), key=lambda i: int(shares[i]) - shares[i])
+  while sum(steps) != total:  # hand out (or take back) single steps, largest remainder first
+    grow = sum(steps) < total
+    i = next(i for i in (by_remainder if grow else reversed(by_remainder)) if grow or steps[i] > 1)
+    steps[i] += 1 if grow else -1
+  specs = []
+  for ph, n, new in zip(phases, lengths, steps):
+    p = ph.spec.copy_and_resolve_references()
+    p.steps, p.tokens = new, 0
+    p.warmup_steps = min(new, max(1, p.warmup_steps * new // n)) if p.warmup_steps else 0
+    ramp = p.batch_ramp_steps * new // n if p.batch_ramp_from else 0
+    p.batch_ramp_from = p.batch_ramp_from if ramp else 0
+    p.batch_ramp_steps, p.batch_ramp_stages = ramp, min(p.batch_ramp_stages, ramp) or p.batch_ramp_stages
+    specs.append(p)
+  return tuple(specs)
 
 
 def schedule(phases: Plan) -> optax.Schedule:

@@ -2,12 +2,12 @@
 
 `loopjax compile --config X --topology v5p:4x4x4` builds the run's mesh over libtpu's compile-only
 devices for that topology (no TPU needed, only the `tpu` extra), lowers the same jitted step
-`loopjax train` runs (`make_train_step` + `jit_train_step`, state shardings from the parameters'
+`loopjax train` runs (`loopjax.train.trainer.build_trainer`, state shardings from the parameters'
 logical axes) on abstract inputs, and compiles it with XLA:TPU. It prints:
 
   - per-chip memory from `memory_analysis()` (arguments, output, temporaries, code) against the
     chip's HBM, and whether it fits (the exit code is 1 when it does not);
-  - the loop-aware training FLOPs per step from `metrics.train_flops_per_token`, and the step time
+  - the loop-aware training FLOPs per step from `loopjax.model.flops_per_token`, and the step time
     and tokens/s at the chips' peak: the 100%-MFU bound, no better.
 
 XLA's `cost_analysis()` is not used: it counts the body of every while loop (each `scan` over loop
@@ -22,13 +22,11 @@ import re
 import time
 
 import jax
-import jax.numpy as jnp
 
-from loopjax import config as config_lib
-from loopjax import metrics, sharding
+from loopjax import metrics
+from loopjax.model import flops_per_token
 from loopjax.train import state as state_lib
-from loopjax.train import step as step_lib
-from loopjax.train.optim import make_optimizer
+from loopjax.train.trainer import build_trainer, make_mesh
 
 GIB = 2**30
 
@@ -160,33 +158,18 @@ class Report:
     return metrics.PEAK_FLOPS_PER_DEVICE[self.topology.chip.kind]
 
 
-def abstract_inputs(cfg, optimizer, shardings: state_lib.TrainState, mesh) -> tuple:
-  """(state, batch) as ShapeDtypeStructs carrying their shardings: nothing is allocated."""
-  shapes = jax.eval_shape(state_lib.init_fn(cfg.model, optimizer), jax.random.key(0))
-  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
-  rows = (cfg.train.batch_size, cfg.train.seq_len)
-  batch_sharding = sharding.batch_sharding(mesh)
-  batch = {k: jax.ShapeDtypeStruct(rows, jnp.float32 if k == "loss_mask" else jnp.int32, sharding=batch_sharding)
-           for k in step_lib.BATCH_KEYS}
-  return state, batch
-
-
 def run(cfg, topology: Topology) -> Report:
   """Compiles the train step for `topology` and measures it (raises ConfigError/TopologyError)."""
   devices = topology_devices(topology)
-  mesh_shape = config_lib.validate(cfg, len(devices))
-  mesh = sharding.make_mesh(mesh_shape, devices=devices)
-  optimizer = make_optimizer(cfg.optim, cfg.train.steps)
-  graphdef, _ = state_lib.model_graph(cfg.model)
-  shardings = state_lib.state_shardings(cfg.model, optimizer, mesh)
-  train_step = step_lib.jit_train_step(step_lib.make_train_step(cfg, graphdef, optimizer), shardings, mesh)
-  report = Report(topology, len(devices), len({d.process_index for d in devices}), mesh_shape,
+  mesh = make_mesh(cfg, devices)
+  trainer = build_trainer(cfg, mesh)
+  report = Report(topology, len(devices), len({d.process_index for d in devices}), tuple(mesh.devices.shape),
                   state_lib.count_params(cfg.model), cfg.train.batch_size, cfg.train.seq_len,
                   cfg.model.loop_steps, cfg.model.num_layers, 0.0)
-  inputs = abstract_inputs(cfg, optimizer, shardings, mesh)  # outside the mesh: its key lives on the host
+  inputs = trainer.abstract_state, trainer.abstract_batch()
   start = time.perf_counter()
   with jax.set_mesh(mesh):
-    lowered = train_step.lower(*inputs)
+    lowered = trainer.train_step.lower(*inputs)
     try:
       compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:
@@ -209,7 +192,7 @@ def _size(n: int) -> str:
 
 def format_report(report: Report, cfg, config_name: str = "") -> str:
   r, chip = report, report.topology.chip
-  flops_token = metrics.train_flops_per_token(cfg.model, r.seq_len)
+  flops_token = flops_per_token(cfg.model, r.seq_len)
   tokens_step = r.global_batch * r.seq_len
   flops_step = flops_token * tokens_step
   peak = r.peak_flops_per_chip * r.devices

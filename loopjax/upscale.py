@@ -8,7 +8,8 @@ Output layer j is a copy of input layer `index[j]`, where `index` comes from the
   "i,j,..."    an explicit list of L' source layers, each in [0, L)
 
 Layer parameters are stacked on a leading "layers" axis (one array per parameter name under the
-model's stack key), so duplication is one `take` along axis 0 per array; every other array is
+model kind's `stack_key`, see `loopjax.model.ModelKind`; Loop-Residual's prelude and coda are not
+looped and keep their size), so duplication is one `take` along axis 0 per array; every other array is
 untouched. Adam's moments live in trees shaped like the params, so the same rule applies to them
 (a leaf is a layer array when its parent key is the stack key).
 
@@ -26,9 +27,6 @@ import numpy as np
 
 MAPPINGS = ("interleave", "stack")
 MOMENTS = ("duplicate", "reset")
-# The params key holding the looped, stacked layers of each model kind (LoopResidual's prelude and
-# coda are not looped and keep their size).
-STACK_KEYS = {"ouro": "stack", "loop_residual": "block"}
 
 
 class UpscaleError(ValueError):

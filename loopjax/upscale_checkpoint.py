@@ -33,6 +33,7 @@ import tensorstore as ts
 
 from loopjax import upscale
 from loopjax.checkpoint import ARRAY_ITEMS, CheckpointError
+from loopjax.model import model_kind
 
 _U32 = 2**32
 _WRITES_IN_FLIGHT = 4
@@ -182,7 +183,7 @@ def upscale_checkpoint(src_dir: str, dst_dir: str, *, layers: int, mapping="inte
   with open(os.path.join(src, "meta", "metadata")) as f:
     meta = json.load(f)
   model = meta["config"]["model"]
-  old_layers, stack_key = model["num_layers"], upscale.STACK_KEYS[model["kind"]]
+  old_layers, stack_key = model["num_layers"], model_kind(model["kind"]).stack_key
   index = upscale.layer_index(old_layers, layers, mapping)
   tmp = f"{final}.orbax-checkpoint-tmp-{time.time_ns()}"
   os.makedirs(tmp)
@@ -208,28 +209,3 @@ def upscale_checkpoint(src_dir: str, dst_dir: str, *, layers: int, mapping="inte
     json.dump(meta, f)
   os.rename(tmp, final)
   return {"step": step, "from_layers": old_layers, "to_layers": layers, "path": final}
-
-
-def main(argv: list[str]) -> int:
-  """loopjax upscale --from CKPT_DIR --to CKPT_DIR --layers N [--mapping interleave|stack|i,j,...]."""
-  import argparse
-  parser = argparse.ArgumentParser(prog="loopjax upscale", description=__doc__.splitlines()[0])
-  parser.add_argument("--from", dest="src", required=True,
-                      help="source checkpoint directory (WORKDIR/checkpoints)")
-  parser.add_argument("--to", dest="dst", required=True,
-                      help="output checkpoint directory (a new WORKDIR/checkpoints)")
-  parser.add_argument("--layers", type=int, required=True, help="layer count of the upscaled stack")
-  parser.add_argument("--mapping", default="interleave", help="interleave, stack, or a comma-separated index list")
-  parser.add_argument("--moments", default="duplicate", choices=upscale.MOMENTS,
-                      help="Adam moments: duplicated with their layers, or reset to a fresh optimizer state")
-  parser.add_argument("--step", type=int, default=None, help="the step to upscale (default: the newest)")
-  args = parser.parse_args(argv)
-  try:
-    summary = upscale_checkpoint(args.src, args.dst, layers=args.layers, mapping=args.mapping,
-                                 moments=args.moments, step=args.step)
-  except (upscale.UpscaleError, CheckpointError) as e:
-    print(f"loopjax upscale: {e}", flush=True)
-    return 1
-  print(f"upscaled step {summary['step']}: {summary['from_layers']} -> {summary['to_layers']} layers, "
-        f"written to {summary['path']}", flush=True)
-  return 0

@@ -13,8 +13,11 @@ from helpers import tiny_config
 
 from loopjax import checkpoint as ck
 from loopjax import sharding
-from loopjax.train import loop
+from loopjax.train import driver
 from loopjax.train import state as state_lib
+from loopjax.train.hooks import NonFiniteLossError
+from loopjax.train.optim import run_optimizer
+from loopjax.train.trainer import build_trainer, make_mesh
 
 
 def _cfg(**train):
@@ -29,8 +32,7 @@ def _cfg(**train):
 
 def _shardings_on(cfg, mesh_shape):
   mesh = sharding.make_mesh(mesh_shape, jax.devices()[: int(np.prod(mesh_shape))])
-  optimizer = loop.make_optimizer(cfg.optim, cfg.train.steps)
-  return state_lib.state_shardings(cfg.model, optimizer, mesh)
+  return state_lib.state_shardings(cfg.model, run_optimizer(cfg), mesh)
 
 
 def _items(state):
@@ -42,8 +44,8 @@ def saved(tmp_path_factory):
   """A trained state saved on a (2, 2, 2) mesh, with its host copy."""
   cfg = _cfg()
   workdir = str(tmp_path_factory.mktemp("saved"))
-  trainer = loop.setup(cfg)
-  loop.train(cfg, workdir, trainer)
+  trainer = build_trainer(cfg, make_mesh(cfg))
+  driver.train(cfg, workdir)
   directory = os.path.join(workdir, "checkpoints")
   reader = ck.Checkpointer(directory)
   restored = reader.restore(6, {"params": trainer.abstract_state.params,
@@ -72,7 +74,7 @@ def test_checkpoint_of_another_config_is_an_error_not_damage(saved):
   other = _cfg()
   other.model.mlp_dim = 64
   shardings = _shardings_on(other, (2, 2, 2))
-  abstract = jax.eval_shape(state_lib.init_fn(other.model, loop.make_optimizer(other.optim, 6)), jax.random.key(0))
+  abstract = jax.eval_shape(state_lib.init_fn(other.model, run_optimizer(other)), jax.random.key(0))
   target = {"params": ck.abstract_like(abstract.params, shardings.params),
             "opt_state": ck.abstract_like(abstract.opt_state, shardings.opt_state)}
   reader = ck.Checkpointer(directory, read_only=True)
@@ -123,12 +125,17 @@ def _saved_arrays_finite(directory):
     assert all(np.isfinite(a).all() for a in jax.tree.leaves(arrays)), step
 
 
+class _PoisonedRunner(driver.Runner):
+  """The driver with NaN in the batch of step 3 (its `stream` is the seam a custom data source uses)."""
+
+  def stream(self, ph):
+    return _PoisonedIterator(super().stream(ph), bad_steps={3})
+
+
 def test_nan_batch_skip_policy_skips_update_and_counts(tmp_path):
   cfg = _cfg(nan_policy="skip")
-  trainer = loop.setup(cfg)
-  trainer.data_iter = _PoisonedIterator(trainer.data_iter, bad_steps={3})
-  last = loop.train(cfg, str(tmp_path), trainer)
-  assert last["nonfinite_steps"] == 1
+  result = _PoisonedRunner(cfg, str(tmp_path)).run()
+  assert result.last_metrics["nonfinite_steps"] == 1 and result.step == 6
   directory = str(tmp_path / "checkpoints")
   by_step = {s: ck.restore_params(directory, step=s).items["params"] for s in (2, 4, 6)}
   # Step 3 left the weights alone; steps 4, 5, 6 trained.
@@ -141,23 +148,23 @@ def test_nan_batch_skip_policy_skips_update_and_counts(tmp_path):
 
 def test_nan_batch_stop_policy_raises_with_step(tmp_path):
   cfg = _cfg(nan_policy="stop")
-  trainer = loop.setup(cfg)
-  trainer.data_iter = _PoisonedIterator(trainer.data_iter, bad_steps={3})
-  with pytest.raises(loop.NonFiniteLossError, match=r"step 3: the loss or gradient norm is NaN"):
-    loop.train(cfg, str(tmp_path), trainer)
+  with pytest.raises(NonFiniteLossError, match=r"step 3: the loss or gradient norm is NaN"):
+    _PoisonedRunner(cfg, str(tmp_path)).run()
   directory = str(tmp_path / "checkpoints")
   assert ck.Checkpointer(directory, read_only=True).all_steps() == [2]
   _saved_arrays_finite(directory)
 
 
 def test_nan_params_are_never_checkpointed(tmp_path):
+  class NanStart(driver.Runner):
+    def restore(self, ckpt):
+      state, tally, step, stream = super().restore(ckpt)
+      poisoned = jax.tree.map(lambda x: x * np.nan if x.ndim == 2 else x, state.params)
+      return state._replace(params=poisoned), tally, step, stream
+
   cfg = _cfg(nan_policy="skip")
-  trainer = loop.setup(cfg)
-  fresh = trainer.init_state()
-  poisoned = jax.tree.map(lambda x: x * np.nan if x.ndim == 2 else x, fresh.params)
-  trainer.init_state = lambda: fresh._replace(params=poisoned)
   with pytest.raises(ck.NonFiniteStateError, match="refusing to save the checkpoint of step 2: 'params' holds NaN"):
-    loop.train(cfg, str(tmp_path), trainer)
+    NanStart(cfg, str(tmp_path)).run()
   assert ck.Checkpointer(str(tmp_path / "checkpoints"), read_only=True).all_steps() == []
 
 
@@ -196,3 +203,20 @@ def test_full_disk_is_a_clear_error_and_keeps_earlier_checkpoints(saved, small_d
     restored = ck.Checkpointer(directory, read_only=True).restore(step, target)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.items), host)
   shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_a_resumed_run_logs_each_step_once_in_jsonl_and_tensorboard(tmp_path):
+  """A run that died after logging steps its last checkpoint does not hold: they are logged again, once."""
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+  cfg = _cfg(log_every=1)
+  driver.train(cfg, str(tmp_path))
+  shutil.rmtree(tmp_path / "checkpoints" / "6")  # as if the process died before saving step 6
+  result = driver.train(cfg, str(tmp_path))
+  assert result.step == 6
+  rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+  assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+  events = EventAccumulator(str(tmp_path / "tensorboard"))
+  events.Reload()
+  logged = [e.step for e in events.Scalars("loss")]
+  assert logged == [1, 2, 3, 4, 5, 6], logged
+  assert [e.value for e in events.Scalars("loss")] == pytest.approx([r["loss"] for r in rows], rel=1e-6)

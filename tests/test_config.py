@@ -8,6 +8,7 @@ import pytest
 
 from helpers import tiny_config
 from loopjax.config import ConfigError, load_config_file, validate
+from loopjax.train.driver import check_run
 from loopjax.train.state import count_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,7 +46,6 @@ BAD = [
     ([("mesh", "data", 1), ("mesh", "tensor", -1)], 8, "config.model.num_heads", "mesh.tensor"),
     ([("model", "remat", "sometimes")], 1, "config.model.remat", "one of"),
     ([("model", "loss_chunk", 5)], 1, "config.model.loss_chunk", "divisor"),
-    ([("optim", "decay_steps", 100)], 1, "config.optim.decay_steps", "shorten"),
     ([("objective", "beta", -1.0)], 1, "config.objective.beta", "non-negative"),
     ([("model", "vocab_size", 16)], 1, "config.model.vocab_size", "vocab"),
     ([("data", "source", "/nonexistent/corpus")], 1, "config.data.source", "prepare"),
@@ -58,9 +58,30 @@ def test_bad_config_names_field_and_fix(overrides, devices, field, fix):
   for section, key, value in overrides:
     cfg[section][key] = value
   with pytest.raises(ConfigError) as error:
-    validate(cfg, devices)
+    check_run(cfg, devices)
   message = str(error.value)
   assert message.startswith(field) and "Fix:" in message and fix in message.split("Fix:")[1] + message, message
+
+
+@pytest.mark.parametrize("name", ["smoke.py", "small.py", "recipe_smoke.py", "ouro_recipe.py:2p6b"])
+def test_shipped_configs_shorten_to_40_steps(name):
+  """`--config.train.steps=40` alone works on every shipped config: the schedule (or recipe) follows."""
+  cfg = config_file(name)
+  cfg.train.steps = 40
+  devices = 8 if cfg.train.batch_size % 8 == 0 else 1
+  plan = check_run(cfg, devices)
+  assert plan.total_steps == 40 and plan.notes, plan.notes
+  assert float(plan.schedule(0)) == 0.0 and float(plan.schedule(20)) > 0  # warmup, then training
+
+
+def test_long_warmup_and_decay_shrink_with_a_note():
+  cfg = tiny_config()
+  cfg.train.steps, cfg.optim.warmup_steps, cfg.optim.decay_steps = 10, 10, 30
+  plan = check_run(cfg, 1)
+  assert plan.notes == ("optim: warmup 10 + decay 30 steps do not fit train.steps=10; scaled to warmup 2 + "
+                        "decay 7",)
+  lr = [float(plan.schedule(s)) for s in range(11)]
+  assert lr[2] == pytest.approx(cfg.optim.lr) and lr[10] == pytest.approx(cfg.optim.end_lr)  # warmup 2, decay 7
 
 
 def run_cli(*args):

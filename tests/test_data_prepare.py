@@ -14,6 +14,7 @@ import pytest
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from loopjax import cli
 from loopjax.data import prepare, readers, records, tokenizer
 
 TXT_SEPARATOR = "\n<doc>\n"
@@ -149,10 +150,10 @@ def test_bos_token_missing_from_the_vocabulary_is_an_error(tmp_path, corpus):
 
 def test_cli_reports_skips_and_errors(tmp_path, corpus, capsys):
   in_dir, docs, empties = corpus
-  assert prepare.main([str(in_dir), "--output", str(tmp_path / "out"), "--num_workers", "0",
-                       "--txt_separator", TXT_SEPARATOR, "--no_progress"]) == 0
+  assert cli.run(["prepare", str(in_dir), "--output", str(tmp_path / "out"), "--num_workers", "0",
+                  "--txt_separator", TXT_SEPARATOR, "--no_progress"]) == 0
   assert f"skipped {empties} empty" in capsys.readouterr().out
-  assert prepare.main([str(tmp_path / "nope"), "--output", str(tmp_path / "o2"), "--no_progress"]) == 2
+  assert cli.run(["prepare", str(tmp_path / "nope"), "--output", str(tmp_path / "o2"), "--no_progress"]) == 2
   assert "no such file or directory" in capsys.readouterr().err
 
 
@@ -164,7 +165,7 @@ def test_killed_prepare_leaves_nothing_that_passes_as_done(tmp_path):
     path.write_text(line * 40_000)
     inputs.append(str(path))
   out = tmp_path / "out"
-  cmd = [sys.executable, "-m", "loopjax.data.prepare", *inputs, "--output", str(out), "--num_workers",
+  cmd = [sys.executable, "-m", "loopjax.cli", "prepare", *inputs, "--output", str(out), "--num_workers",
          "0", "--no_progress"]
   proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 60

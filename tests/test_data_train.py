@@ -8,7 +8,7 @@ import pytest
 
 from helpers import tiny_config
 from loopjax.data import data_vocab_size, prepare
-from loopjax.train.loop import train
+from loopjax.train.driver import train
 from test_data_prepare import train_bpe, write_corpus
 
 

@@ -92,11 +92,11 @@ def test_two_processes_match_one_process(runs):
 @pytest.mark.multiprocess
 @pytest.mark.slow
 def test_only_process_zero_reports_progress(runs):
-  """Both processes log (each line names its process); only process 0 logs the final metrics."""
+  """Both processes log (each line names its process); only process 0 prints the closing summary."""
   logs = [open(os.path.join(runs[2] + ".logs", f"process_{i}.log")).read() for i in range(2)]
   for i, log in enumerate(logs):
     assert f"[process {i}/2]" in log and f"process {i} of 2 (explicit start-up), 4 local / 8 global" in log
-  assert "final step metrics" in logs[0] and "final step metrics" not in logs[1]
+  assert "finished at step" in logs[0] and "finished at step" not in logs[1]
 
 
 @pytest.mark.multiprocess

@@ -21,13 +21,13 @@ def setup():
   return cfg, graphdef, params, evaluation.eval_batches(cfg)
 
 
-def evaluate(cfg, graphdef, params, mesh, batches):
-  return evaluation.Evaluator(cfg, graphdef, mesh, batches)(params)
+def evaluate(cfg, params, mesh, batches):
+  return evaluation.Evaluator(cfg, mesh, batches)(params)
 
 
 def test_reports_every_loop_count(setup):
   cfg, graphdef, params, batches = setup
-  results = evaluate(cfg, graphdef, params, sharding.make_mesh((2, 2, 2)), batches)
+  results = evaluate(cfg, params, sharding.make_mesh((2, 2, 2)), batches)
   for T in (1, 3, 5):
     assert len(results[f"eval_T{T}/ce_per_step"]) == T
     assert len(results[f"eval_T{T}/exact_match_per_step"]) == T
@@ -39,7 +39,7 @@ def test_reports_every_loop_count(setup):
 def test_matches_an_unsharded_recomputation(setup):
   """Per-step CE and exact match recomputed from the full logits on one device, batch by batch."""
   cfg, graphdef, params, batches = setup
-  results = evaluate(cfg, graphdef, params, sharding.make_mesh((8, 1, 1)), batches)
+  results = evaluate(cfg, params, sharding.make_mesh((8, 1, 1)), batches)
   from flax import nnx
   model = nnx.merge(graphdef, params)
   ce_sum, tokens, correct, questions = np.zeros(3), 0.0, np.zeros(3), 0

@@ -68,6 +68,18 @@ def test_loss_mask_excludes_tokens():
   np.testing.assert_allclose(loss, 1.0, rtol=1e-6)
 
 
+def test_cdf_keeps_tiny_exit_probabilities():
+  """Gates of -40 exit with lambda = 1 / (1 + e^40) ~ 4.2e-18, far below float32's epsilon next to 1.
+
+  By hand: CDF(1) = lambda, CDF(2) = 1 - (1 - lambda)^2 = lambda (2 - lambda) (expanded, since
+  1 - lambda rounds to 1 even in float64), CDF(3) = 1. Float32 relative error: rtol 1e-6.
+  """
+  lam = 1 / (1 + math.exp(40.0))
+  cdf = exits.exit_cdf(jnp.full((3, 1, 1), -40.0)).ravel()
+  assert np.all(np.asarray(cdf) > 0)
+  np.testing.assert_allclose(cdf, [lam, lam * (2 - lam), 1.0], rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("q,step", [(0.5, 0), (0.8, 1), (0.9, 2), (1.0, 2)])
 def test_q_exit_picks_first_step_reaching_q(q, step):
   assert int(exits.q_exit_step(GATES_T11, q)[0, 0]) == step

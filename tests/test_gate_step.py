@@ -12,7 +12,7 @@ from loopjax import sharding
 from loopjax.train import gate_step as gate_lib
 from loopjax.train import state as state_lib
 from loopjax.train import step as step_lib
-from loopjax.train.optim import learning_rate_schedule, make_optimizer
+from loopjax.train.optim import learning_rate_schedule, run_optimizer
 
 
 def test_gate_phase_freezes_the_lm_and_trains_the_gate():
@@ -21,18 +21,18 @@ def test_gate_phase_freezes_the_lm_and_trains_the_gate():
   cfg.optim.lr, cfg.optim.schedule = 3e-2, "constant"
   mesh = sharding.make_mesh((2, 2, 2))
   schedule = learning_rate_schedule(cfg.optim, cfg.train.steps)
-  optimizer = make_optimizer(cfg.optim, cfg.train.steps, schedule)
+  optimizer = run_optimizer(cfg, schedule)
+  gate_optimizer = gate_lib.make_gate_optimizer(cfg, schedule)
   lm_shardings = state_lib.state_shardings(cfg.model, optimizer, mesh)
   # A "pretrained" LM: parameters away from init (so per-step CEs differ) and non-zero Adam moments.
   params = jax.device_put(random_params(cfg.model, seed=1), lm_shardings.params)
   lm_opt = jax.jit(lambda p: jax.tree.map(lambda x: x + 0.5, optimizer.init(p)),
                    out_shardings=lm_shardings.opt_state)(params)
-  state = gate_lib.enter_gate_phase(state_lib.TrainState(jax.numpy.int32(0), params, lm_opt), optimizer)
-  shardings = gate_lib.gate_state_shardings(lm_shardings, optimizer, params, mesh)
+  state = gate_lib.enter_gate_phase(state_lib.TrainState(jax.numpy.int32(0), params, lm_opt), gate_optimizer)
+  shardings = gate_lib.gate_state_shardings(lm_shardings, gate_optimizer, params, mesh)
   state = jax.device_put(state, shardings)
   before = jax.device_get(state)
-  graphdef, _ = state_lib.model_graph(cfg.model)
-  step = step_lib.jit_train_step(gate_lib.make_gate_step(cfg, graphdef, optimizer, schedule), shardings, mesh)
+  step = step_lib.jit_train_step(gate_lib.make_gate_step(cfg, gate_optimizer, schedule), shardings, mesh)
   batches = [random_batch(cfg, seed=i, num_docs=2) for i in range(4)]
   losses = []
   with jax.set_mesh(mesh):

@@ -32,8 +32,8 @@ def test_objective_gradient_matches_finite_differences():
     graphdef, _ = model_graph(cfg.model)
     params = jax.tree.map(jnp.asarray, random_params(cfg.model, seed=5))
     batch = random_batch(cfg, seed=6, num_docs=2)
-    loss = jax.jit(lambda p: objective(cfg, graphdef, p, batch)[0])
-    grads = jax.grad(lambda p: objective(cfg, graphdef, p, batch)[0])(params)
+    loss = jax.jit(lambda p: objective(cfg, p, batch)[0])
+    grads = jax.grad(lambda p: objective(cfg, p, batch)[0])(params)
 
     rng = np.random.default_rng(0)
     # Directional derivatives along random directions touch every parameter at once ...

@@ -8,6 +8,7 @@ import pytest
 import reference
 from helpers import merged_model, random_batch, random_params, tiny_config
 from loopjax import exits
+from loopjax.model.ouro import loop_step
 from loopjax.train.step import model_losses
 from loopjax.train.state import model_graph
 
@@ -63,6 +64,28 @@ def test_documents_are_isolated():
   b = model(changed["inputs"], **kwargs(changed)).step_logits
   np.testing.assert_allclose(np.asarray(a)[:, doc2], np.asarray(b)[:, doc2], rtol=1e-6, atol=1e-6)
   assert not np.allclose(np.asarray(a)[:, ~doc2], np.asarray(b)[:, ~doc2])  # the edit did change others
+
+
+def test_loop_step_is_the_whole_loop_body():
+  """A `lax.while_loop` over `ouro.loop_step` (how a decoder drives it) gives run_loop's states and gates."""
+  cfg = tiny_config()
+  model = merged_model(cfg.model, random_params(cfg.model))
+  batch = random_batch(cfg, num_docs=2)
+  h_TBSD, gate_TBS = model.run_loop(batch["inputs"], lambda h_BSD, _: h_BSD, segment_ids_BS=batch["segment_ids"],
+                                    positions_BS=batch["positions"])
+  context = model.loop_context(batch["inputs"], batch["segment_ids"], batch["positions"])
+  parts = model.loop_parts()
+
+  def body(carry):
+    t, h_BSD, gates_TBS = carry
+    h_BSD, gate_BS = loop_step(parts, h_BSD, context)
+    return t + 1, h_BSD, gates_TBS.at[t].set(gate_BS)
+
+  h0_BSD = jnp.take(model.embed[...], batch["inputs"], axis=0)
+  _, h_BSD, gates_TBS = jax.lax.while_loop(lambda carry: carry[0] < cfg.model.loop_steps, body,
+                                           (0, h0_BSD, jnp.zeros_like(gate_TBS)))
+  np.testing.assert_allclose(h_BSD, h_TBSD[-1], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(gates_TBS, gate_TBS, rtol=1e-6, atol=1e-6)
 
 
 def test_training_path_matches_logits_path_and_chunking():

@@ -19,6 +19,7 @@ from helpers import tiny_config
 from loopjax import phases
 from loopjax.checkpoint import list_checkpoints
 from loopjax.config import ConfigError, validate
+from loopjax.train.driver import check_run
 from loopjax.train.state import count_params
 
 RECIPES = os.path.join(ts.REPO, "configs")
@@ -62,6 +63,7 @@ def test_ouro_recipe_is_the_spec_table(path, layers_after_1a, params):
 def _recipe(**first_phase_overrides):
   """tiny_config on a (2, 2, 2) mesh (4-way data parallel, 4 x 16-token rows) with phases a and b."""
   cfg = tiny_config()
+  cfg.train.steps = 0  # the recipe's own length
   cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2, 2
   first_phase_overrides.setdefault("name", "a")
   cfg.phases = (phases.phase(steps=4, **first_phase_overrides),
@@ -89,7 +91,7 @@ def test_impossible_recipes_fail_before_anything_runs(overrides, where, problem)
   if "seq_len" in overrides:
     cfg.model.loss_chunk = 8
   with pytest.raises(ConfigError) as error:
-    validate(cfg, 8)
+    check_run(cfg, 8)
   message = str(error.value)
   assert message.startswith(where) and problem in message and ". Fix: " in message, message
 
@@ -98,14 +100,14 @@ def test_impossible_upscales_and_gate_phases_name_the_phase():
   cfg = _recipe()
   cfg.phases[1].upscale.layers = 5
   with pytest.raises(ConfigError, match=r"^config.phases\[1\] \('b'\).upscale: from 2 layers: .*multiple.*Fix: "):
-    validate(cfg, 8)
+    check_run(cfg, 8)
   cfg = _recipe(upscale={"layers": 4})
   with pytest.raises(ConfigError, match=r"^config.phases\[0\] \('a'\).upscale: the first phase"):
-    validate(cfg, 8)
+    check_run(cfg, 8)
   cfg = _recipe()
   cfg.phases = cfg.phases + (phases.phase(name="g", steps=2, objective="gate", upscale={"layers": 8}),)
   with pytest.raises(ConfigError, match=r"^config.phases\[2\] \('g'\).objective: a gate phase"):
-    validate(cfg, 8)
+    check_run(cfg, 8)
 
 
 def smoke_expectations():

@@ -14,6 +14,7 @@ import pytest
 
 from loopjax import metrics
 from loopjax.config import load_config_file
+from loopjax.model import flops_per_token
 from loopjax.preflight import CHIPS, GIB, Topology, TopologyError, parse_topology
 from loopjax.train.state import count_params
 
@@ -86,7 +87,7 @@ def test_small_config_fits_a_small_topology():
   state_mib = 12 * count_params(cfg.model) / 2**20 / 4
   assert state_mib <= _mib(_field(report, "arguments")) <= state_mib * 1.01 + 0.1
   assert _mib(_field(report, "output").split("(")[1]) == pytest.approx(_mib(_field(report, "output")), abs=0.01)
-  flops_step = metrics.train_flops_per_token(cfg.model, cfg.train.seq_len) * cfg.train.batch_size * cfg.train.seq_len
+  flops_step = flops_per_token(cfg.model, cfg.train.seq_len) * cfg.train.batch_size * cfg.train.seq_len
   assert float(_field(report, "FLOPs/step").split()[0]) == pytest.approx(flops_step, rel=1e-3)
   ideal = flops_step / (4 * metrics.PEAK_FLOPS_PER_DEVICE[CHIPS["v5e"].kind])
   assert float(_field(report, "ideal step time").split()[0]) == pytest.approx(ideal, rel=1e-3)

@@ -8,18 +8,16 @@ from jax.sharding import PartitionSpec as P
 from helpers import random_batch, tiny_config
 from loopjax import sharding
 from loopjax.train import state as state_lib
-from loopjax.train import step as step_lib
-from loopjax.train.loop import global_batch
-from loopjax.train.optim import make_optimizer
+from loopjax.train.driver import global_batch
+from loopjax.train.optim import run_optimizer
+from loopjax.train.trainer import build_trainer
 
 RTOL = 1e-5  # max |difference| / max |value| per array
 
 
 def run_steps(cfg, mesh, num_steps=2):
-  optimizer = make_optimizer(cfg.optim, cfg.train.steps)
-  graphdef, _ = state_lib.model_graph(cfg.model)
-  state, shardings = state_lib.init_train_state(cfg.model, optimizer, mesh, seed=0)
-  step = step_lib.jit_train_step(step_lib.make_train_step(cfg, graphdef, optimizer), shardings, mesh)
+  trainer = build_trainer(cfg, mesh)
+  state, step = trainer.init_state(), trainer.train_step
   losses = []
   with jax.set_mesh(mesh):
     for i in range(num_steps):
@@ -63,6 +61,6 @@ def test_parameters_are_sharded_as_the_rules_say(runs):
 
 def test_data_parallel_only_mesh_replicates_parameters():
   mesh = sharding.make_mesh((8, 1, 1))
-  shardings = state_lib.state_shardings(tiny_config().model, make_optimizer(tiny_config().optim, 10), mesh)
+  shardings = state_lib.state_shardings(tiny_config().model, run_optimizer(tiny_config()), mesh)
   assert shardings.params["stack"]["wq"].is_fully_replicated
   assert sharding.batch_sharding(mesh).spec == P(("data", "fsdp"), None)

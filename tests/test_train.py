@@ -4,10 +4,13 @@ import glob
 import json
 import os
 
+import jax
 import pytest
 
-from helpers import tiny_config
-from loopjax.train.loop import train
+from helpers import random_batch, tiny_config
+from loopjax.model import flops_per_token
+from loopjax.train.driver import global_batch, train
+from loopjax.train.trainer import build_trainer, make_mesh
 
 METRIC_KEYS = {"step", "loss", "ce_per_step", "exit_probs", "entropy", "expected_exit_step", "tokens_per_sec",
                "mfu", "grad_norm", "lr"}
@@ -22,9 +25,12 @@ def run(tmp_path_factory):
   cfg.data.loss_on = "all"
   cfg.eval.every_steps, cfg.eval.loop_steps, cfg.eval.num_batches = 15, "2,4", 1
   workdir = str(tmp_path_factory.mktemp("train"))
-  train(cfg, workdir)
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+  result = train(cfg, workdir)
+  assert (result.step, result.preempted) == (30, False)
+  assert result.checkpoint_dir == os.path.join(workdir, "checkpoints", "30")
+  with open(result.metrics_path) as f:
     rows = [json.loads(line) for line in f]
+  assert result.last_metrics["loss"] == rows[-2]["loss"]  # the last row is the step's evaluation
   return cfg, workdir, [r for r in rows if "loss" in r], [r for r in rows if "eval_T4/loss" in r]
 
 
@@ -84,3 +90,23 @@ def test_eval_cli_reports_a_missing_checkpoint_in_one_line(tmp_path):
                           capture_output=True, text=True, timeout=120)
   assert result.returncode == 2
   assert "no complete checkpoint" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("objective", ["lm", "gate"])
+def test_the_step_runs_at_the_loop_count_of_its_config(objective):
+  """The step builds its model from the config it is given: a T=8 config trains at T=8."""
+  cfg = tiny_config(loop_steps=8)
+  trainer = build_trainer(cfg, make_mesh(cfg, jax.devices()[:1]), objective=objective)
+  with jax.set_mesh(trainer.mesh):
+    _, metrics = trainer.train_step(trainer.init_state(), global_batch(random_batch(cfg), trainer.mesh))
+  assert metrics["ce_per_step"].shape == metrics["exit_probs"].shape == (8,)
+  # MFU counts what the step computes: a gate step's backward pass never enters the loop.
+  assert trainer.flops_per_token == flops_per_token(cfg.model, cfg.train.seq_len, training=objective == "lm")
+
+
+def test_profile_hook_writes_a_trace_of_the_asked_steps(tmp_path):
+  cfg = tiny_config()
+  cfg.train.steps, cfg.train.batch_size, cfg.train.profile_start, cfg.train.profile_steps = 4, 8, 1, 2
+  train(cfg, str(tmp_path))
+  traces = glob.glob(str(tmp_path / "profile" / "**" / "*.xplane.pb"), recursive=True)
+  assert len(traces) == 1 and os.path.getsize(traces[0]) > 0

@@ -16,8 +16,7 @@ from helpers import random_batch, tiny_config
 from loopjax import checkpoint as checkpoint_lib
 from loopjax import sharding, upscale
 from loopjax.train import state as state_lib
-from loopjax.train import step as step_lib
-from loopjax.train.optim import make_optimizer
+from loopjax.train.trainer import build_trainer
 
 LOOPJAX = os.path.join(os.path.dirname(sys.executable), "loopjax")
 
@@ -39,10 +38,8 @@ def _mesh_cfg(cfg, shape):
 
 def trained_state(cfg, mesh, steps: int = 2):
   """A state after `steps` AdamW steps (so moments and counts are not zero), and its optimizer."""
-  optimizer = make_optimizer(cfg.optim, cfg.train.steps)
-  state, shardings = state_lib.init_train_state(cfg.model, optimizer, mesh, seed=0)
-  graphdef, _ = state_lib.model_graph(cfg.model)
-  train_step = step_lib.jit_train_step(step_lib.make_train_step(cfg, graphdef, optimizer), shardings, mesh)
+  trainer = build_trainer(cfg, mesh)
+  state, optimizer, train_step = trainer.init_state(), trainer.optimizer, trainer.train_step
   losses = []
   with jax.set_mesh(mesh):
     for i in range(steps):
@@ -102,11 +99,10 @@ def test_upscaled_model_trains_on(trained):
   mesh = sharding.make_mesh((2, 2, 2))
   new_cfg = _mesh_cfg(tiny_config(num_layers=4), (2, 2, 2))
   new_cfg.optim.lr = 1e-2
-  shardings = state_lib.state_shardings(new_cfg.model, optimizer, mesh)
+  trainer = build_trainer(new_cfg, mesh)
   state = upscale.upscale_state(state, upscale.layer_index(2, 4, "interleave"), stack_key="stack",
-                                moments="duplicate", optimizer=optimizer, shardings=shardings)
-  graphdef, _ = state_lib.model_graph(new_cfg.model)
-  train_step = step_lib.jit_train_step(step_lib.make_train_step(new_cfg, graphdef, optimizer), shardings, mesh)
+                                moments="duplicate", optimizer=optimizer, shardings=trainer.state_shardings)
+  train_step = trainer.train_step
   batch = random_batch(new_cfg, seed=7)  # one batch, repeated: the loss on it must fall
   losses = []
   with jax.set_mesh(mesh):
@@ -158,5 +154,5 @@ def test_cli_upscale_refuses_a_bad_layer_count(tmp_path, trained):
   _save(state, src, cfg)
   out = subprocess.run([LOOPJAX, "upscale", "--from", src, "--to", str(tmp_path / "b"), "--layers", "3"],
                        capture_output=True, text=True, timeout=120)
-  assert out.returncode == 1 and "multiple of the old one" in out.stdout, out.stdout + out.stderr
+  assert out.returncode == 2 and "multiple of the old one" in out.stderr, out.stdout + out.stderr
   assert not os.path.exists(tmp_path / "b")

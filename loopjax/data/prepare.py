@@ -9,13 +9,11 @@ Empty documents (and one-token documents, which have no target) are skipped and 
 report and the manifest; all other bad input stops the run with an error naming the file and the fix.
 """
 
-import argparse
 import concurrent.futures
 import dataclasses
 import json
 import multiprocessing
 import os
-import sys
 
 import tqdm
 from array_record.python.array_record_module import ArrayRecordWriter
@@ -166,31 +164,3 @@ def report(manifest: dict) -> str:
           f"{len(manifest['shards'])} shards ({manifest['reused_shards']} reused, already complete); "
           f"skipped {skipped['empty_documents']} empty and {skipped['one_token_documents']} "
           "one-token documents")
-
-
-def main(argv: list[str] | None = None) -> int:
-  """`python -m loopjax.data.prepare INPUT... --output DIR [--tokenizer byte|tokenizer.json] ...`."""
-  parser = argparse.ArgumentParser(prog="loopjax prepare", description=__doc__.split("\n")[0])
-  parser.add_argument("inputs", nargs="+", help=".txt/.jsonl/.parquet files or directories")
-  parser.add_argument("--output", required=True, help="directory for shards and manifest.json")
-  parser.add_argument("--tokenizer", default=tokenizer.BYTE, help="'byte' or a tokenizer.json path")
-  parser.add_argument("--text_field", default="text", help="JSONL field / Parquet column with the text")
-  parser.add_argument("--txt_separator", default=None, help="split .txt files into documents here")
-  parser.add_argument("--bos_token", default=None, help="document-start token ('' for none)")
-  parser.add_argument("--num_workers", type=int, default=0,
-                      help="tokenizer processes (0: in-process; HF tokenizers already use all cores)")
-  parser.add_argument("--no_progress", action="store_true")
-  args = parser.parse_args(argv)
-  options = Options(args.tokenizer, args.text_field, args.txt_separator, args.bos_token)
-  try:
-    manifest = prepare(args.inputs, args.output, options, num_workers=args.num_workers,
-                       progress=not args.no_progress)
-  except (readers.InputError, tokenizer.TokenizerError) as e:
-    print(f"loopjax prepare: error: {e}", file=sys.stderr)
-    return 2
-  print(report(manifest))
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

@@ -1,14 +1,11 @@
 """What reads the hidden state after each loop step: the LM head (logits or its CE) and the exit gate."""
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from loopjax.exits import exit_distribution
-
 from loopjax.model.layers import upcast
+from loopjax.model.stack import ParamSpec, create_params
 from loopjax.sharding import constrain
 
 
@@ -45,43 +42,25 @@ def lm_cross_entropy(h_BSD: jax.Array, kernel_DV: jax.Array, targets_BS: jax.Arr
   return jnp.moveaxis(ce_NBC, 0, 1).reshape(batch, seq)
 
 
+HEAD = ParamSpec(lambda D, V: (D, V), ("embed", "vocab"), "normal", True)
+GATE_PARAMS = {
+    "kernel": ParamSpec(lambda D: (D,), ("embed",), "normal", True),
+    "bias": ParamSpec(lambda D: (), (), "zeros", False),
+}
+
+
 def head_param(hidden: int, vocab: int, *, init_std: float, param_dtype, rngs: nnx.Rngs) -> nnx.Param:
   """An untied LM head kernel [D, V]."""
-  return nnx.Param(init_std * jax.random.normal(rngs.params(), (hidden, vocab), param_dtype),
-                   logical_axes=("embed", "vocab"))
+  return HEAD.create((hidden, vocab), init_std=init_std, param_dtype=param_dtype, rngs=rngs)
+
+
+def gate_logits(h_BSD: jax.Array, kernel_D: jax.Array, bias: jax.Array) -> jax.Array:
+  """gate = h . w + b per token [B, S], in (at least) float32. Pre-sigmoid."""
+  return jnp.einsum("bsd,d->bs", upcast(h_BSD), upcast(kernel_D)) + upcast(bias)
 
 
 class ExitGate(nnx.Module):
-  """gate_t = h . w + b per token: Linear(D -> 1) with a bias, in float32. Pre-sigmoid."""
+  """The exit gate's parameters: Linear(D -> 1) with a bias, read by `gate_logits`."""
 
   def __init__(self, hidden: int, *, init_std: float, param_dtype, rngs: nnx.Rngs):
-    self.kernel = nnx.Param(init_std * jax.random.normal(rngs.params(), (hidden,), param_dtype),
-                            logical_axes=("embed",))
-    self.bias = nnx.Param(jnp.zeros((), param_dtype), logical_axes=())
-
-  def __call__(self, h_BSD: jax.Array) -> jax.Array:
-    return jnp.einsum("bsd,d->bs", upcast(h_BSD), upcast(self.kernel[...])) + upcast(self.bias[...])
-
-
-class LoopOutput(NamedTuple):
-  step_logits: jax.Array  # [T, B, S, V] float32
-  gate_logits: jax.Array  # [T, B, S] float32, pre-sigmoid
-  exit_probs: jax.Array  # [T, B, S], p(t) of the exit distribution
-
-
-class StepReadouts:
-  """The two calls every model offers, on top of its `run_steps(tokens, read_out, ...)`."""
-
-  def __call__(self, tokens_BS, *, segment_ids_BS=None, positions_BS=None, loop_steps: int | None = None):
-    """Per-step logits, gate logits and exit probabilities (evaluation, import checks)."""
-    logits_TBSV, gate_TBS = self.run_steps(tokens_BS, lm_logits, segment_ids_BS=segment_ids_BS,
-                                           positions_BS=positions_BS, loop_steps=loop_steps)
-    return LoopOutput(logits_TBSV, gate_TBS, exit_distribution(gate_TBS))
-
-  def step_losses(self, tokens_BS, targets_BS, *, segment_ids_BS=None, positions_BS=None,
-                  loop_steps: int | None = None):
-    """(ce_TBS, gate_logits_TBS): every step's per-token next-token CE (logits never kept) and gates."""
-    def read_out(h_BSD, kernel_DV):
-      return lm_cross_entropy(h_BSD, kernel_DV, targets_BS, self.cfg.loss_chunk)
-    return self.run_steps(tokens_BS, read_out, segment_ids_BS=segment_ids_BS, positions_BS=positions_BS,
-                          loop_steps=loop_steps)
+    create_params(self, GATE_PARAMS, (hidden,), init_std=init_std, param_dtype=param_dtype, rngs=rngs)

@@ -1,9 +1,9 @@
 """Transformer building blocks as pure functions of (params, activations).
 
 Keeping the math free of modules lets the same function run inside `jax.lax.scan` over stacked
-layer parameters, be rematerialised with a named policy, and be read next to the formulas in
-SPEC section 1. Shapes: B batch, S sequence, D hidden, N query heads, K kv heads, H head_dim,
-F mlp hidden, V vocab.
+layer parameters (`loopjax.model.stack`), be rematerialised with a named policy, and be read next to
+the formulas in SPEC section 1. Shapes: B batch, S sequence, D hidden, N query heads, K kv heads,
+H head_dim, F mlp hidden, V vocab.
 """
 
 import jax
@@ -142,26 +142,3 @@ def gpt2_layer(p: dict, x_BSD, mask_B1SS, *, eps: float, dtype) -> jax.Array:
                             mask_B1SS, dtype)
   return h_BSD + gelu_mlp(p, layer_norm(h_BSD, p["ln2_scale"], p["ln2_bias"], eps), dtype)
 
-
-REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "save_matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "save_attention_out": jax.checkpoint_policies.save_only_these_names("attention_out"),
-}
-
-
-def remat(fn, policy: str):
-  """Wrap a layer body for rematerialisation under a named policy ('none' disables it)."""
-  if policy == "none":
-    return fn
-  return jax.checkpoint(fn, policy=REMAT_POLICIES[policy], prevent_cse=False)
-
-
-def scan_layers(layer_fn, stacked_params: dict, x_BSD: jax.Array, remat_policy: str) -> jax.Array:
-  """Apply `layer_fn(params_l, x)` for each slice l of the stacked [L, ...] params with one scan.
-
-  Scanning keeps the compiled program the size of one layer whatever L is.
-  """
-  body = remat(lambda x, p: (layer_fn(p, x), None), remat_policy)
-  x_BSD, _ = jax.lax.scan(body, x_BSD, stacked_params)
-  return x_BSD

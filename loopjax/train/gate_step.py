@@ -9,8 +9,8 @@ parameter enters the forward pass as a constant. That is a masked update in the 
     the gate, so the backward pass never enters the loop);
   * the LM's Stage I optimizer state is carried through untouched, so a later LM phase can resume it.
 
-The gate gets its own AdamW (the same hyperparameters and LR schedule as the LM optimizer, built by
-`make_optimizer`), so in a gate phase `TrainState.opt_state` is `{"lm": <Stage I state>, "gate": <the
+The gate gets its own AdamW (`make_gate_optimizer`: the same hyperparameters, LR schedule and weight-decay
+mask as the LM optimizer), so in a gate phase `TrainState.opt_state` is `{"lm": <Stage I state>, "gate": <the
 gate's state>}`. `enter_gate_phase` / `leave_gate_phase` convert between the two layouts.
 """
 
@@ -20,10 +20,17 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from loopjax import exits
-from loopjax.train.state import TrainState
+from loopjax.model import weight_decay_mask
+from loopjax.train.optim import make_optimizer
+from loopjax.train.state import TrainState, model_graph
 from loopjax.train.step import model_losses
 
 GATE = "exit_gate"
+
+
+def make_gate_optimizer(cfg, schedule: optax.Schedule) -> optax.GradientTransformation:
+  """The exit gate's own AdamW: `cfg.optim` with the gate's part of the model's weight-decay mask."""
+  return make_optimizer(cfg.optim, schedule, weight_decay_mask(cfg.model)[GATE])
 
 
 def enter_gate_phase(state: TrainState, gate_optimizer) -> TrainState:
@@ -50,13 +57,14 @@ def gate_state_shardings(lm_shardings: TrainState, gate_optimizer, params, mesh)
   return TrainState(lm_shardings.step, lm_shardings.params, {"lm": lm_shardings.opt_state, "gate": gate_opt})
 
 
-def make_gate_step(cfg, graphdef, gate_optimizer, schedule: optax.Schedule):
+def make_gate_step(cfg, gate_optimizer, schedule: optax.Schedule):
   """gate_step(state, batch) -> (state, metrics) on the Stage II loss (k, gamma from cfg.objective).
 
   Metrics: the same names as the Stage I step (per-step CE, exit distribution, ...) with `loss` the
   Stage II loss. Like the Stage I step, a non-finite loss or gradient drops the update.
   """
   o = cfg.objective
+  graphdef, _ = model_graph(cfg.model)
 
   def gate_step(state: TrainState, batch: dict):
     frozen = {name: jax.lax.stop_gradient(value) for name, value in state.params.items() if name != GATE}

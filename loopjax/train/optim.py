@@ -1,4 +1,4 @@
-"""AdamW with global-norm clipping, a weight-decay mask, and the learning-rate schedules.
+"""AdamW with global-norm clipping and a weight-decay mask, and the learning-rate schedules.
 
 Schedules (all from optax, in optimizer steps):
   constant          lr
@@ -6,48 +6,67 @@ Schedules (all from optax, in optimizer steps):
   cosine            linear warmup, then cosine from lr to end_lr over the remaining (or decay_steps) steps
   wsd               warmup-stable-decay: linear warmup, constant lr, then linear decay to end_lr over
                     the last decay_steps steps (Ouro's overall LR shape)
+
+Warmup and decay follow the run's length: when warmup_steps + decay_steps do not fit in the run
+(`--config.train.steps=40` on a config written for 300), both shrink in proportion, and
+`schedule_steps` says so in a note the driver prints. Shortening a run then just works.
 """
 
-import jax
 import optax
 
-# Parameter names (last path component) that are never weight-decayed: biases; norm scales are
-# recognised by "norm" in the name or an "ln" prefix (GPT-2 LayerNorms).
-NO_DECAY_NAMES = frozenset({"bias", "bq", "bk", "bv", "bo", "b_fc", "b_proj"})
+from loopjax.model import weight_decay_mask
+
+
+def schedule_steps(optim_cfg, total_steps: int) -> tuple[int, int, str]:
+  """(warmup, decay, note): the schedule's warmup and decay steps, shrunk to fit `total_steps`.
+
+  `note` is "" when they fit as given, else a one-line explanation for the log.
+  """
+  o = optim_cfg
+  warmup, decay = o.warmup_steps, o.decay_steps if o.schedule == "wsd" else 0
+  needed = warmup + decay + (1 if o.schedule == "cosine" else 0)
+  if o.schedule == "constant" or needed <= total_steps:
+    return o.warmup_steps, o.decay_steps, ""
+  scale = total_steps / needed
+  warmup, decay = int(warmup * scale), int(decay * scale)
+  note = (f"optim: warmup {o.warmup_steps}" + (f" + decay {o.decay_steps}" if o.schedule == "wsd" else "")
+          + f" steps do not fit train.steps={total_steps}; scaled to warmup {warmup}"
+          + (f" + decay {decay}" if o.schedule == "wsd" else ""))
+  return warmup, (decay if o.schedule == "wsd" else o.decay_steps), note
 
 
 def learning_rate_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
   o = optim_cfg
-  warmup = optax.linear_schedule(0.0, o.lr, max(o.warmup_steps, 1))
+  warmup_steps, decay_steps, _ = schedule_steps(o, total_steps)
+  warmup = optax.linear_schedule(0.0, o.lr, max(warmup_steps, 1))
   if o.schedule == "constant":
     return optax.constant_schedule(o.lr)
   if o.schedule == "warmup_constant":
-    return optax.join_schedules([warmup, optax.constant_schedule(o.lr)], [o.warmup_steps])
+    return optax.join_schedules([warmup, optax.constant_schedule(o.lr)], [warmup_steps])
   if o.schedule == "cosine":
-    decay = o.decay_steps or max(total_steps - o.warmup_steps, 1)
-    return optax.warmup_cosine_decay_schedule(0.0, o.lr, o.warmup_steps, o.warmup_steps + decay, o.end_lr)
+    decay = decay_steps or max(total_steps - warmup_steps, 1)
+    return optax.warmup_cosine_decay_schedule(0.0, o.lr, warmup_steps, warmup_steps + decay, o.end_lr)
   if o.schedule == "wsd":
-    stable = total_steps - o.warmup_steps - o.decay_steps
+    stable = total_steps - warmup_steps - decay_steps
     return optax.join_schedules(
-        [warmup, optax.constant_schedule(o.lr), optax.linear_schedule(o.lr, o.end_lr, max(o.decay_steps, 1))],
-        [o.warmup_steps, o.warmup_steps + stable])
+        [warmup, optax.constant_schedule(o.lr), optax.linear_schedule(o.lr, o.end_lr, max(decay_steps, 1))],
+        [warmup_steps, warmup_steps + stable])
   raise ValueError(f"unknown schedule {o.schedule!r}")
 
 
-def decay_mask(params) -> dict:
-  """True for parameters that take weight decay: everything but norm scales and biases."""
-  def decays(path, _):
-    name = str(getattr(path[-1], "key", path[-1]))
-    return not ("norm" in name or name.startswith("ln") or name in NO_DECAY_NAMES)
-  return jax.tree_util.tree_map_with_path(decays, params)
-
-
-def make_optimizer(optim_cfg, total_steps: int, schedule: optax.Schedule | None = None
-                   ) -> optax.GradientTransformation:
-  """AdamW with clipping; `schedule` (a staged recipe's, see loopjax.phases) replaces optim.schedule."""
+def make_optimizer(optim_cfg, schedule: optax.Schedule, decay_mask) -> optax.GradientTransformation:
+  """AdamW with clipping; `decay_mask` is a tree of bools shaped like the params it will update."""
   o = optim_cfg
   return optax.chain(
       optax.clip_by_global_norm(o.clip_norm),
-      optax.adamw(schedule or learning_rate_schedule(o, total_steps), b1=o.b1, b2=o.b2, eps=o.eps,
-                  weight_decay=o.weight_decay, mask=decay_mask),
+      optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=decay_mask),
   )
+
+
+def run_optimizer(cfg, schedule: optax.Schedule | None = None) -> optax.GradientTransformation:
+  """The optimizer of a run: `cfg.optim` with the model's weight-decay mask (parameter metadata).
+
+  `schedule`: a staged recipe's (see loopjax.phases); default: the one `cfg.optim` describes.
+  """
+  schedule = schedule or learning_rate_schedule(cfg.optim, cfg.train.steps)
+  return make_optimizer(cfg.optim, schedule, weight_decay_mask(cfg.model))

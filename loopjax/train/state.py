@@ -2,7 +2,8 @@
 
 Initialisation never builds the full model on one device: the state's shapes come from
 `jax.eval_shape`, shardings from the parameters' logical axes, and the real arrays are created by
-`jax.jit(init, out_shardings=...)` so each device materialises only its own shards.
+`jax.jit(init_fn(...), out_shardings=...)` (`Trainer.init_state`) so each device materialises only
+its own shards.
 """
 
 from typing import NamedTuple
@@ -55,11 +56,3 @@ def state_shardings(model_cfg, optimizer, mesh: Mesh) -> TrainState:
                                     transform_non_params=lambda _: P(), is_leaf=lambda x: isinstance(x, P))
   spec_state = TrainState(P(), specs, opt_specs)
   return jax.tree.map(lambda s: NamedSharding(mesh, s), spec_state, is_leaf=lambda x: isinstance(x, P))
-
-
-def init_train_state(model_cfg, optimizer, mesh: Mesh, seed: int) -> tuple[TrainState, TrainState]:
-  """(state, shardings): the state created directly in its sharded layout."""
-  shardings = state_shardings(model_cfg, optimizer, mesh)
-  init = jax.jit(init_fn(model_cfg, optimizer), out_shardings=shardings)
-  with jax.set_mesh(mesh):
-    return init(jax.random.key(seed)), shardings

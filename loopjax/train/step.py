@@ -2,6 +2,8 @@
 
 They know nothing of files, iterators or logging; `make_train_step` closes over the static parts
 (model graph, optimizer, objective settings) and `jit_train_step` adds shardings and donation.
+The model graph is always built from the config the step is made with, so a step cannot run at
+another loop count, remat policy or dtype than its config says.
 """
 
 import jax
@@ -11,8 +13,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from loopjax import exits, sharding
-from loopjax.train.optim import learning_rate_schedule
-from loopjax.train.state import TrainState
+from loopjax.train.state import TrainState, model_graph
 
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
@@ -24,27 +25,34 @@ def model_losses(graphdef, params, batch: dict, loop_steps: int | None = None):
                            positions_BS=batch.get("positions"), loop_steps=loop_steps)
 
 
-def objective(cfg, graphdef, params, batch: dict, loop_steps: int | None = None):
-  """The Stage I loss and its metrics."""
-  ce_TBS, gate_TBS = model_losses(graphdef, params, batch, loop_steps)
+def stage1_objective(cfg, ce_TBS, gate_TBS, loss_mask_BS):
+  """The Stage I loss and its metrics with `cfg.objective`'s settings."""
   o = cfg.objective
-  return exits.stage1_loss(ce_TBS, gate_TBS, batch["loss_mask"], beta=o.beta, prior=o.prior,
+  return exits.stage1_loss(ce_TBS, gate_TBS, loss_mask_BS, beta=o.beta, prior=o.prior,
                            geometric_lambda=o.geometric_lambda)
 
 
-def make_train_step(cfg, graphdef, optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule | None = None):
+def objective(cfg, params, batch: dict):
+  """The Stage I loss and its metrics of the model `cfg.model` describes, with `params`, on `batch`."""
+  ce_TBS, gate_TBS = model_losses(model_graph(cfg.model)[0], params, batch)
+  return stage1_objective(cfg, ce_TBS, gate_TBS, batch["loss_mask"])
+
+
+def make_train_step(cfg, optimizer: optax.GradientTransformation, schedule: optax.Schedule):
   """train_step(state, batch) -> (state, metrics): one AdamW update on the Stage I objective.
 
   NaN guard: when the loss or the gradient norm is NaN/Inf the update is dropped (params and
   opt_state stay as they were, `step` still advances past the batch) and `metrics["nonfinite"]` is 1.
   One bad batch then cannot poison the weights, whatever `train.nan_policy` tells the loop to do.
-  `schedule` is the optimizer's LR schedule (logged as `lr`); default: the one `cfg.optim` describes.
+  `schedule` is the optimizer's LR schedule (logged as `lr`).
   """
-  schedule = schedule or learning_rate_schedule(cfg.optim, cfg.train.steps)
+  graphdef, _ = model_graph(cfg.model)
 
   def train_step(state: TrainState, batch: dict):
-    loss_fn = lambda params: objective(cfg, graphdef, params, batch)
+    def loss_fn(params):
+      ce_TBS, gate_TBS = model_losses(graphdef, params, batch)
+      return stage1_objective(cfg, ce_TBS, gate_TBS, batch["loss_mask"])
+
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)

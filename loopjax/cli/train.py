@@ -1,0 +1,31 @@
+"""Train (or continue training) a model: loopjax train --config configs/smoke.py --workdir DIR.
+
+The run resumes from the newest complete checkpoint in WORKDIR/checkpoints. Metrics go to
+WORKDIR/metrics.jsonl and WORKDIR/tensorboard; SIGTERM or Ctrl-C saves a checkpoint, then stops.
+"""
+
+from loopjax.cli import config_args, runtime
+
+
+def add_arguments(parser):
+  config_args.add_arguments(parser)
+  parser.add_argument("--workdir", required=True, help="directory for metrics, TensorBoard events and checkpoints")
+  runtime.add_compile_cache_argument(parser)
+  from loopjax import distributed
+  distributed.add_arguments(parser)
+
+
+def run(args) -> int:
+  from loopjax import distributed
+  distributed.initialize(distributed.settings_from(args))  # before anything touches the backend
+  runtime.enable_compile_cache(args.compile_cache)
+  runtime.allow_grain_workers()
+  import jax
+
+  from loopjax.train.driver import train
+  result = train(args.config, args.workdir)
+  if jax.process_index() == 0:
+    from loopjax.cli.summary import format_summary
+    print(format_summary(result), flush=True)
+  return 0
+

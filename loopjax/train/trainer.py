@@ -1,0 +1,87 @@
+"""The set-up every command shares, written once: config -> mesh -> model graph -> shardings -> jitted step.
+
+`build_trainer(cfg, mesh, optimizer, schedule)` is what `loopjax train` runs per segment of its plan,
+what `loopjax compile` lowers for a TPU topology, and what tests and benchmarks time. It allocates
+nothing: the state's shapes and shardings come from `jax.eval_shape`, and `init_state` creates the real
+arrays directly in their shards when the driver needs a fresh state.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from loopjax import checkpoint as checkpoint_lib
+from loopjax import config as config_lib
+from loopjax import sharding
+from loopjax.model import flops_per_token
+from loopjax.train import gate_step as gate_lib
+from loopjax.train import state as state_lib
+from loopjax.train import step as step_lib
+from loopjax.train.optim import learning_rate_schedule, run_optimizer
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+  """One compiled-shape configuration of a run. No train state is allocated."""
+  cfg: object  # the (derived, single-phase) config its step runs with
+  mesh: Mesh
+  optimizer: optax.GradientTransformation  # the LM's (Stage I) optimizer
+  gate_optimizer: optax.GradientTransformation  # the exit gate's own, in a gate phase (Stage II)
+  objective: str  # "lm" (Stage I) or "gate" (Stage II)
+  abstract_state: state_lib.TrainState  # ShapeDtypeStructs carrying the target shardings
+  state_shardings: state_lib.TrainState
+  train_step: object  # jitted (state, batch) -> (state, metrics)
+  flops_per_token: float  # of what the step computes: forward + backward, or forward only (gate)
+
+  def init_state(self) -> state_lib.TrainState:
+    """A fresh state, created directly in its shards (seed `train.seed`)."""
+    init = _init_layout(self.cfg, self.optimizer, self.gate_optimizer, self.objective)
+    with jax.set_mesh(self.mesh):
+      return jax.jit(init, out_shardings=self.state_shardings)(jax.random.key(self.cfg.train.seed))
+
+  def abstract_batch(self) -> dict:
+    """ShapeDtypeStructs of one global batch with its sharding (ahead-of-time lowering)."""
+    rows = (self.cfg.train.batch_size, self.cfg.train.seq_len)
+    batch_sharding = sharding.batch_sharding(self.mesh)
+    return {k: jax.ShapeDtypeStruct(rows, jnp.float32 if k == "loss_mask" else jnp.int32, sharding=batch_sharding)
+            for k in step_lib.BATCH_KEYS}
+
+
+def make_mesh(cfg, devices=None) -> Mesh:
+  """The (data, fsdp, tensor) mesh `cfg.mesh` asks for over `devices` (default: all), after `validate`."""
+  devices = jax.devices() if devices is None else devices
+  return sharding.make_mesh(config_lib.validate(cfg, len(devices)), devices=devices)
+
+
+def _init_layout(cfg, optimizer, gate_optimizer, objective: str):
+  init = state_lib.init_fn(cfg.model, optimizer)
+  if objective == "gate":
+    return lambda key: gate_lib.enter_gate_phase(init(key), gate_optimizer)
+  return init
+
+
+def build_trainer(cfg, mesh: Mesh, schedule: optax.Schedule | None = None, objective: str = "lm",
+                  wrap_step=None) -> Trainer:
+  """The Trainer of `cfg` (a validated single-phase config) on `mesh`.
+
+  `schedule`: the run's LR schedule (a staged recipe's spans its phases); default: `cfg.optim`'s.
+  `wrap_step(step_fn, cfg)` may wrap the pure step before it is jitted (e.g. to report more metrics).
+  """
+  schedule = schedule or learning_rate_schedule(cfg.optim, cfg.train.steps)
+  optimizer = run_optimizer(cfg, schedule)
+  gate_optimizer = gate_lib.make_gate_optimizer(cfg, schedule)
+  shardings = state_lib.state_shardings(cfg.model, optimizer, mesh)
+  if objective == "gate":
+    abstract_params = jax.eval_shape(state_lib.init_fn(cfg.model, optimizer), jax.random.key(0)).params
+    shardings = gate_lib.gate_state_shardings(shardings, gate_optimizer, abstract_params, mesh)
+    step = gate_lib.make_gate_step(cfg, gate_optimizer, schedule)
+  else:
+    step = step_lib.make_train_step(cfg, optimizer, schedule)
+  abstract = checkpoint_lib.abstract_like(
+      jax.eval_shape(_init_layout(cfg, optimizer, gate_optimizer, objective), jax.random.key(0)), shardings)
+  jitted = step_lib.jit_train_step(wrap_step(step, cfg) if wrap_step else step, shardings, mesh)
+  flops = flops_per_token(cfg.model, cfg.train.seq_len, training=objective == "lm")
+  return Trainer(cfg, mesh, optimizer, gate_optimizer, objective, abstract, shardings, jitted, flops)

@@ -1,0 +1,182 @@
+"""The `loopjax` executable: one argparse scheme for every command, one-line errors, quiet logs.
+
+The subprocess tests run the installed entry point, so they check what a user types; none of them
+trains except `test_train_prints_a_summary_and_no_library_info_logs`.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from loopjax.cli import COMMANDS, config_args, logs
+from loopjax.cli.summary import format_summary
+from loopjax.config import ConfigError, default_config
+from loopjax.train.result import RunResult
+
+LOOPJAX = os.path.join(os.path.dirname(sys.executable), "loopjax")
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+CACHE = os.path.join(os.path.expanduser("~"), ".cache", "loopjax", "xla-tests-subprocess")
+FLAGS = {
+    "train": ["--config", "--workdir", "--compile_cache", "--coordinator", "--num_processes", "--process_id",
+              "--local_devices", "--initialization_timeout", "--verbose"],
+    "eval": ["--checkpoint", "--step", "--data", "--loop_steps", "--output", "--compile_cache"],
+    "prepare": ["--output", "--tokenizer", "--text_field", "--txt_separator", "--bos_token", "--num_workers",
+                "--no_progress"],
+    "checkpoints": ["workdir"],
+    "upscale": ["--from", "--to", "--layers", "--mapping", "--moments", "--step"],
+    "compile": ["--config", "--topology"],
+    "params": ["--config", "--config.a.b=VALUE"],
+}
+
+
+def run_all(*argvs: list[str]) -> list[subprocess.CompletedProcess]:
+  """Runs `loopjax ARGV` for each argv, all at once (each start-up imports JAX: seconds)."""
+  procs = [subprocess.Popen([LOOPJAX, *argv], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for argv in argvs]
+  results = []
+  for argv, proc in zip(argvs, procs):
+    out, err = proc.communicate(timeout=120)
+    results.append(subprocess.CompletedProcess(argv, proc.returncode, out, err))
+  return results
+
+
+def test_every_command_has_help_listing_its_flags():
+  assert sorted(FLAGS) == sorted(COMMANDS)
+  for result in run_all(*([name, "--help"] for name in FLAGS)):
+    name = result.args[0]
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"usage: loopjax {name}")
+    for flag in FLAGS[name]:
+      assert flag in result.stdout, (name, flag)
+
+
+def test_no_or_unknown_command_lists_the_commands():
+  none, unknown, helped = run_all([], ["nope"], ["--help"])
+  for result in (none, unknown):
+    assert result.returncode == 2
+    assert all(name in result.stderr for name in COMMANDS)
+  assert "unknown command 'nope'" in unknown.stderr
+  assert helped.returncode == 0 and "commands:" in helped.stdout
+
+
+def _one_line_error(result) -> str:
+  assert result.returncode == 2, result.stdout + result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1, result.stderr
+  return lines[0]
+
+
+SMOKE = ["--config", "configs/smoke.py"]
+
+
+def test_usage_errors_are_one_line_naming_the_flag():
+  unknown, bad_type, bad_key, bad_int, no_config, missing = run_all(
+      ["train", *SMOKE, "--workdir", "/nonexistent", "--foo"],
+      ["params", *SMOKE, "--config.model.loop_steps=abc"],
+      ["params", *SMOKE, "--config.model.nope=1"],
+      ["upscale", "--from", "a", "--to", "b", "--layers", "x"],
+      ["params", "--config", "configs/nope.py"],
+      ["checkpoints", "/nonexistent", "--config.train.steps=3"])
+  assert _one_line_error(unknown) == ("loopjax train: error: unrecognized argument --foo "
+                                      "(`loopjax train --help` lists the flags)")
+  assert _one_line_error(bad_type).startswith("loopjax params: --config.model.loop_steps=abc: not a whole number")
+  line = _one_line_error(bad_key)
+  assert "--config.model.nope: no such config key" in line and "Fix:" in line
+  assert "--layers" in _one_line_error(bad_int)
+  assert "no config file" in _one_line_error(no_config)
+  assert "--config.train.steps" in _one_line_error(missing)
+
+
+def test_params_prints_the_count_with_overrides_in_order():
+  plain, overridden = run_all(["params", *SMOKE],
+                              ["params", *SMOKE, "--config.model.num_layers", "8", "--config.model.num_layers=4"])
+  assert plain.returncode == 0 and overridden.returncode == 0, plain.stderr + overridden.stderr
+  assert int(overridden.stdout.replace(",", "")) > int(plain.stdout.replace(",", "")) > 0
+  assert plain.stderr == ""
+
+
+def test_train_prints_a_summary_and_no_library_info_logs(tmp_path):
+  (result,) = run_all(["train", *SMOKE, "--workdir", str(tmp_path), f"--compile_cache={CACHE}",
+                       "--config.train.steps=4", "--config.train.seq_len=64", "--config.train.progress=false",
+                       "--config.optim.warmup_steps=1", "--config.optim.decay_steps=2"])
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.startswith("loopjax: finished at step 4, loss ")
+  for part in ("exit p(t)", "expected exit step", "metrics.jsonl", "tensorboard", "checkpoints/4"):
+    assert part in result.stdout
+  assert "loopjax: no checkpoint in" in result.stderr  # loopjax's own INFO stays on
+  assert "absl" not in result.stderr and "BasePyTreeCheckpointHandler" not in result.stderr
+
+
+@pytest.mark.parametrize("raw, kind, value", [
+    ("true", bool, True), ("TRUE", bool, True), ("1", bool, True), ("False", bool, False), ("0", bool, False),
+    ("4", int, 4), ("3", float, 3.0), ("1e-3", float, 1e-3), ("a,b", str, "a,b"), ("(1, 2)", tuple, (1, 2)),
+    ("None", type(None), None),
+])
+def test_values_parse_by_the_field_type(raw, kind, value):
+  parsed = config_args.parse_value(raw, kind)
+  assert parsed == value and type(parsed) is type(value)
+
+
+@pytest.mark.parametrize("raw, kind", [("yes", bool), ("2", bool), ("4.5", int), ("x", float), ("(1,", tuple)])
+def test_unparsable_values_say_what_the_type_takes(raw, kind):
+  with pytest.raises(ValueError):
+    config_args.parse_value(raw, kind)
+
+
+def test_overrides_are_split_from_argv_in_order():
+  argv = ["--workdir", "w", "--config.a.b=1", "--config.c", "x y", "pos", "--", "--config.d=2"]
+  rest, overrides = config_args.split_overrides(argv)
+  assert rest == ["--workdir", "w", "pos", "--", "--config.d=2"]
+  assert overrides == [("a.b", "1"), ("c", "x y")]
+  with pytest.raises(ConfigError, match="--config.c needs a value"):
+    config_args.split_overrides(["--config.c"])
+
+
+def test_config_spec_with_arg_and_overrides(tmp_path):
+  path = tmp_path / "sized.py"
+  path.write_text("from loopjax.config import default_config\n\n"
+                  "def get_config(layers='2'):\n  c = default_config()\n  c.model.num_layers = int(layers)\n"
+                  "  return c\n")
+  cfg = config_args.load(f"{path}:6", [("optim.lr", "3"), ("train.progress", "False"), ("model.num_layers", "5")])
+  assert cfg.model.num_layers == 5 and cfg.optim.lr == 3.0 and cfg.train.progress is False
+  assert config_args.load(str(path), []).model.num_layers == 2
+  with pytest.raises(AttributeError):
+    cfg.model.new_key = 1  # still locked
+
+
+@pytest.mark.parametrize("key, raw, message", [
+    ("model.num_layer", "2", "did you mean --config.model.num_layers?"),
+    ("nosection.x", "2", "no such config key"),
+    ("model", "2", "is a section"),
+    ("model.loop_steps", "2.5", "not a whole number"),
+    ("phases", "5", "a tuple key cannot hold this value"),
+])
+def test_bad_overrides_name_the_flag_and_fix(key, raw, message):
+  cfg = default_config()
+  with pytest.raises(ConfigError, match="Fix:") as error:
+    config_args.apply_override(cfg, key, raw)
+  assert str(error.value).startswith(f"--config.{key}") and message in str(error.value)
+
+
+def test_verbose_is_found_before_argparse_runs():
+  assert logs.verbose_requested(["--config", "x", "-v"]) and logs.verbose_requested(["--verbose"])
+  assert not logs.verbose_requested(["--config", "x", "--", "-v"])
+
+
+def _result(**changes) -> RunResult:
+  fields = dict(workdir="w", step=30, last_metrics={"loss": 3.84351, "exit_probs": [0.12, 0.2, 0.31, 0.37],
+                                                    "expected_exit_step": 2.93},
+                metrics_path="w/metrics.jsonl", tensorboard_dir="w/tensorboard", checkpoint_dir="w/checkpoints/30",
+                preempted=False)
+  return RunResult(**{**fields, **changes})
+
+
+def test_summary_names_outputs_loss_and_exit_distribution():
+  text = format_summary(_result())
+  assert text.splitlines()[0] == "loopjax: finished at step 30, loss 3.8435"
+  assert "exit p(t)    0.12 0.20 0.31 0.37  (expected exit step 2.93)" in text
+  assert "w/metrics.jsonl" in text and "w/tensorboard" in text and "w/checkpoints/30" in text
+  preempted = format_summary(_result(preempted=True, last_metrics={}, checkpoint_dir=None))
+  assert preempted.startswith("loopjax: preempted at step 30 (saved") and "checkpoint   none" in preempted
