@@ -96,12 +96,13 @@ def peer_table(args):
   cfg = common.load_config("peer")
   bench = common.Bench(cfg)
   variants = [("T=1, remat full", common.with_model(cfg, loop_steps=1)),
-              ("T=4, remat full", common.with_model(cfg, loop_steps=4)),
+              ("T=4, remat full, head recomputed", common.with_model(cfg, loop_steps=4, loss_remat="recompute")),
+              ("T=4, remat full, head saves d logits", common.with_model(cfg, loop_steps=4, loss_remat="save")),
+              ("T=4, remat save_matmuls", common.with_model(cfg, loop_steps=4, remat="save_matmuls")),
               ("T=4, remat none", common.with_model(cfg, loop_steps=4, remat="none"))]
   cells = run_interleaved(bench, variants, args)
   rows = [(f"loopjax L=4 {label}", *timing_columns(c)) for label, c in cells.items()]
-  rows += [("Ouro PyTorch L=4 T=4 (NOTES-stack.md)", "", "", "", "~770", "", ""),
-           ("MaxText 4 layers, non-looped, full remat (NOTES)", "", "", "", "~1,900", "", ""),
+  rows += [("Ouro PyTorch L=4 T=4 (issue #11, same machine kind)", "", "", "", "1,478", "159", ""),
            ("MaxText 16 layers, non-looped, full remat (NOTES)", "", "", "", "~500", "", "")]
   common.print_table(f"{describe('peer shape', cfg, bench)}; load avg {os.getloadavg()[0]:.1f}",
                      ("run", *TIMING_HEADERS), rows)
@@ -117,12 +118,14 @@ def main():
   parser.add_argument("--round-seconds", type=float, default=1.0,
                       help="timed steps per round are raised until a round lasts about this long")
   parser.add_argument("--peak-gflops", type=float, default=0.0,
-                      help="MFU denominator; 0 = loopjax.metrics.peak_flops() (a matmul measured now, low when "
-                           "the machine is busy)")
+                      help="MFU denominator; 0 = XLA's float32 matmul FLOP/s measured now, in this process "
+                           "(the better of 1024^3 and 2048^3, median of 7 runs each)")
   args = parser.parse_args()
-  args.peak = args.peak_gflops * 1e9 or metrics_lib.peak_flops()
-  source = "given" if args.peak_gflops else "measured by loopjax.metrics.peak_flops()"
-  print(f"{common.machine_line()}; MFU peak {args.peak / 1e9:.0f} GFLOP/s ({source})")
+  measured = {n: metrics_lib.matmul_flops_per_second(n, n, n) for n in (1024, 2048)}
+  args.peak = args.peak_gflops * 1e9 or max(measured.values())
+  print(f"{common.machine_line()}; XLA float32 matmul "
+        + ", ".join(f"{n}^3: {f / 1e9:.0f} GFLOP/s" for n, f in measured.items())
+        + f"; MFU peak {args.peak / 1e9:.0f} GFLOP/s ({'given' if args.peak_gflops else 'measured'})")
   tables = args.tables.split(",")
   if "loops" in tables:
     for name in args.configs.split(","):

@@ -121,7 +121,7 @@ def abstract_like(tree, shardings) -> object:
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def _leaf_shapes(tree) -> dict:
+def leaf_shapes(tree) -> dict:
   """Dotted leaf name -> "shape dtype" of a pytree of arrays or structs (stored in meta at save)."""
   def name(path):
     return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
@@ -230,7 +230,7 @@ class Checkpointer:
             f"checkpoints in {self.directory} are untouched. Fix: set --config.train.nan_policy=stop to "
             "stop at the first bad step, lower optim.lr, or restart from the last checkpoint")
     args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
-    shapes = {name: _leaf_shapes(tree) for name, tree in items.items()}
+    shapes = {name: leaf_shapes(tree) for name, tree in items.items()}
     data = {} if data_iter is None else {"data_state": data_state(data_iter)}
     args["meta"] = ocp.args.JsonSave(dict(meta, step=step, checksums=checksums, shapes=shapes,
                                           saved_at=time.time(), **data))
@@ -267,7 +267,7 @@ class Checkpointer:
     """
     meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     for name, tree in abstract_items.items():
-      saved, wanted = meta["shapes"][name], _leaf_shapes(tree)
+      saved, wanted = meta["shapes"][name], leaf_shapes(tree)
       if saved != wanted:
         diff = sorted(set(saved.items()) ^ set(wanted.items()))[:4]
         raise IncompatibleCheckpointError(

@@ -16,10 +16,12 @@ import os
 
 import ml_collections
 
-from loopjax.model import MODEL_KINDS
+from loopjax.model import MODEL_KINDS, model_kind
+from loopjax.model.attention import CUDNN_DTYPES, IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from loopjax.model.stack import REMAT_POLICIES as STACK_REMAT_POLICIES
 
 REMAT_POLICIES = ("none", *STACK_REMAT_POLICIES)
+LOSS_REMAT = ("auto", "save", "recompute")
 SCHEDULES = ("constant", "warmup_constant", "cosine", "wsd")
 PRIORS = ("uniform", "geometric")
 NAN_POLICIES = ("skip", "stop")
@@ -49,8 +51,19 @@ def default_config() -> ml_collections.ConfigDict:
   m.param_dtype = "float32"
   m.compute_dtype = "float32"
   m.remat = "full"  # one of REMAT_POLICIES, applied to each layer of the scanned stack
-  m.loss_chunk = 0  # >0: compute the LM head + CE in sequence chunks of this many tokens
+  m.loss_chunk = 0  # >0: compute the LM head + CE in sequence chunks of this many tokens (when recomputed)
+  # The LM head's backward: "save" keeps d CE / d logits ([T, B, S, V] in compute dtype) and skips the
+  # recomputation; "recompute" rebuilds the logits (memory [B, S, D] per step); "auto" saves when it fits.
+  m.loss_remat = "auto"
   m.init_std = 0.02
+  # The attention core (loopjax/model/attention.py): "xla" (dense [S, S] scores), "blocked" (pure-JAX
+  # flash-style, O(S) memory), "splash" (Pallas TPU kernel), "cudnn" (GPU, rows without documents), or
+  # "auto": splash on TPU, cudnn on GPU where it can express the mask (else blocked), xla on CPU.
+  m.attention = "auto"
+  # blocked/splash block sizes, capped at the sequence; a set size must tile train.seq_len. 0 = the
+  # implementation's default (blocked 128, splash 512; the whole sequence where that does not tile it).
+  m.attention_block_q = 0
+  m.attention_block_kv = 0
   # Loop-Residual only: layers before and after the looped block, and the learned position table.
   m.prelude_layers = 0
   m.coda_layers = 0
@@ -86,6 +99,7 @@ def default_config() -> ml_collections.ConfigDict:
   # A step whose loss or grad norm is NaN/Inf never updates the weights (the step's NaN guard);
   # "skip" counts it (metrics: nonfinite_steps) and goes on, "stop" ends the run with the step number.
   t.nan_policy = "skip"
+  t.peak_flops = 0.0  # MFU denominator, FLOP/s of all devices; 0 = env LOOPJAX_PEAK_FLOPS, the chip table, or a probe
   # jax.profiler trace of steps profile_start+1 .. profile_start+profile_steps into WORKDIR/profile (0 = off).
   t.profile_start = 0
   t.profile_steps = 0
@@ -133,6 +147,12 @@ def default_config() -> ml_collections.ConfigDict:
   # Staged recipe: a tuple of `loopjax.phases.phase(...)` run in order by one `loopjax train` (see
   # configs/ouro_recipe.py). Empty: one phase, the config as it is.
   c.phases = ()
+
+  c.init = i = ml_collections.ConfigDict()
+  # Where a run without a checkpoint yet takes its parameters from (its optimizer state starts fresh);
+  # both empty = a fresh initialisation. Ignored once the run has a checkpoint.
+  i.from_hf = ""  # an HF Ouro directory (config.json + safetensors); model must match its config.json
+  i.from_checkpoint = ""  # "DIR[:STEP]": another run's params (e.g. upscaled), onto this run's mesh and dtypes
 
   c.mesh = ms = ml_collections.ConfigDict()
   ms.data = -1  # -1 takes whatever devices the other axes leave
@@ -214,6 +234,15 @@ def resolve_mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
   return tuple(sizes)
 
 
+def _check_attention_blocks(m, seq_len: int):
+  """Blocked and splash attention tile the sequence (blocks larger than it shrink to it; 0 = default)."""
+  for field in ("attention_block_q", "attention_block_kv"):
+    block = min(m[field], seq_len)
+    if m[field] < 0 or (block and seq_len % block):
+      _fail(f"model.{field}", f"{m[field]} does not tile train.seq_len={seq_len}",
+            f"use a divisor of {seq_len} (e.g. {math.gcd(seq_len, 512)}), a size >= the sequence, or 0 (default)")
+
+
 def validate(cfg, num_devices: int) -> tuple[int, int, int]:
   """Checks the config alone (no files, no devices but their count); returns the resolved mesh shape.
 
@@ -224,6 +253,8 @@ def validate(cfg, num_devices: int) -> tuple[int, int, int]:
   m, t = cfg.model, cfg.train
   _check_choice(cfg, "model.kind", MODEL_KINDS)
   _check_choice(cfg, "model.remat", REMAT_POLICIES)
+  _check_choice(cfg, "model.loss_remat", LOSS_REMAT)
+  _check_choice(cfg, "model.attention", ATTENTION_IMPLEMENTATIONS)
   _check_choice(cfg, "model.param_dtype", DTYPES)
   _check_choice(cfg, "model.compute_dtype", DTYPES)
   _check_choice(cfg, "optim.schedule", SCHEDULES)
@@ -249,6 +280,10 @@ def validate(cfg, num_devices: int) -> tuple[int, int, int]:
   if m.loss_chunk < 0 or (m.loss_chunk and t.seq_len % m.loss_chunk):
     _fail("model.loss_chunk", f"{m.loss_chunk} does not divide train.seq_len={t.seq_len}",
           "use 0 (no chunking) or a divisor of train.seq_len")
+  _check_attention_blocks(m, t.seq_len)
+  if m.attention == "cudnn" and m.compute_dtype not in CUDNN_DTYPES:
+    _fail("model.attention", f"cudnn runs in {CUDNN_DTYPES}, not compute_dtype={m.compute_dtype}",
+          "set model.compute_dtype=bfloat16, or model.attention to auto, blocked or xla")
   if cfg.objective.beta < 0:
     _fail("objective.beta", f"must be >= 0, got {cfg.objective.beta}", "use a non-negative entropy weight")
   if cfg.objective.gate_k <= 0 or cfg.objective.gate_gamma < 0:
@@ -261,6 +296,8 @@ def validate(cfg, num_devices: int) -> tuple[int, int, int]:
     if t[field] < 1 and not (field == "steps" and cfg.phases):
       _fail(f"train.{field}", f"must be >= 1, got {t[field]}", f"set --config.train.{field} to a positive integer")
   _check_choice(cfg, "train.nan_policy", NAN_POLICIES)
+  if t.peak_flops < 0:
+    _fail("train.peak_flops", f"must be >= 0, got {t.peak_flops}", "give the devices' total FLOP/s, or 0 to measure")
   if t.profile_steps < 0 or (t.profile_steps and t.profile_start < 1):
     _fail("train.profile_steps", f"profile_start={t.profile_start}, profile_steps={t.profile_steps}",
           "trace after the first (compiling) step: profile_start >= 1, and profile_steps >= 0 (0 = no trace)")
@@ -301,4 +338,9 @@ def validate(cfg, num_devices: int) -> tuple[int, int, int]:
           f"use a multiple of {data * fsdp} (or 0 for train.batch_size)")
   if not 0 <= e.q_exit <= 1:
     _fail("eval.q_exit", f"{e.q_exit} is outside [0, 1]", "use a threshold between 0 and 1")
+  if cfg.init.from_hf and cfg.init.from_checkpoint:
+    _fail("init", "from_hf and from_checkpoint are both set", "set one of them (or neither, for a fresh init)")
+  if cfg.init.from_hf and model_kind(m.kind).hf is None:
+    _fail("init.from_hf", f"model kind {m.kind!r} has no Hugging Face format",
+          "set model.kind='ouro' or drop init.from_hf")
   return data, fsdp, tensor

@@ -4,6 +4,7 @@ XLA's cost analysis counts a while-loop body once, so for scanned models it unde
 trip counts; every FLOP figure in loopjax comes from `loopjax.model.flops_per_token` instead.
 """
 
+import os
 import time
 
 import jax
@@ -30,38 +31,49 @@ PEAK_FLOPS_PER_DEVICE = {
 }
 
 
-_measured_cpu_peak: float | None = None
+PEAK_FLOPS_ENV = "LOOPJAX_PEAK_FLOPS"
 
 
-def measure_cpu_peak_flops(size: int = 1024, repeats: int = 8) -> float:
-  """The host's float32 matmul FLOP/s, measured once by a short jitted matmul (on device 0)."""
-  global _measured_cpu_peak
-  if _measured_cpu_peak is None:
-    a = jnp.ones((size, size), jnp.float32)
-    matmul = jax.jit(lambda x: x @ x)
-    matmul(a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-      start = time.perf_counter()
-      matmul(a).block_until_ready()
-      best = min(best, time.perf_counter() - start)
-    _measured_cpu_peak = 2 * size**3 / best
-  return _measured_cpu_peak
+def matmul_flops_per_second(rows: int, inner: int, cols: int, dtype="float32", repeats: int = 7) -> float:
+  """FLOP/s of a jitted [rows, inner] @ [inner, cols] matmul on device 0: the median of `repeats` runs.
 
-
-def peak_flops(devices=None) -> float:
-  """Total peak FLOP/s of `devices`: the table for accelerators; for CPU the measured host peak.
-
-  Fake CPU devices share the host's cores, so the CPU peak is the host's, not per device.
+  The median, not the best: on a shared machine the best run is luck, the median is what a step sees.
   """
-  devices = jax.devices() if devices is None else devices
-  kind = devices[0].device_kind
+  a = jnp.ones((rows, inner), dtype)
+  b = jnp.ones((inner, cols), dtype)
+  matmul = jax.jit(lambda x, y: x @ y)
+  matmul(a, b).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a, b).block_until_ready()
+    times.append(time.perf_counter() - start)
+  return 2 * rows * inner * cols / float(np.median(times))
+
+
+def peak_flops(cfg) -> tuple[float, str]:
+  """(total peak FLOP/s of the run's devices, where the figure comes from), the denominator of MFU.
+
+  In order: `train.peak_flops` (config), the LOOPJAX_PEAK_FLOPS environment variable, the table of
+  accelerators (dense bf16 per chip), and on CPU a probe: the model's own largest layer matmul
+  ([batch x seq, hidden] @ [hidden, mlp] in the compute dtype), median of several runs. Fake CPU
+  devices share the host's cores, so the CPU figure is the host's, not multiplied by the devices.
+  """
+  if cfg.train.peak_flops > 0:
+    return float(cfg.train.peak_flops), "train.peak_flops"
+  if os.environ.get(PEAK_FLOPS_ENV):
+    return float(os.environ[PEAK_FLOPS_ENV]), PEAK_FLOPS_ENV
+  devices = jax.devices()
   if devices[0].platform == "cpu":
-    return measure_cpu_peak_flops()
+    m = cfg.model
+    rows = min(cfg.train.batch_size * cfg.train.seq_len, 4096)
+    return (matmul_flops_per_second(rows, m.hidden_size, m.mlp_dim, m.compute_dtype),
+            f"measured: [{rows}, {m.hidden_size}] @ [{m.hidden_size}, {m.mlp_dim}] {m.compute_dtype} matmul, median "
+            "of 7 runs")
   for name, flops in PEAK_FLOPS_PER_DEVICE.items():
-    if kind.startswith(name):
-      return flops * len(devices)
-  return float("nan")  # unknown accelerator: MFU is reported as NaN rather than guessed
+    if devices[0].device_kind.startswith(name):
+      return flops * len(devices), f"{name} dense bf16 peak x {len(devices)}"
+  return float("nan"), f"unknown accelerator {devices[0].device_kind!r}: MFU is NaN (set train.peak_flops)"
 
 
 def to_python(metrics: dict) -> dict:

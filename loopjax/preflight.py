@@ -1,6 +1,6 @@
 """Pre-flight: compile the real train step for a TPU topology on this host, before renting the pod.
 
-`loopjax compile --config X --topology v5p:4x4x4` builds the run's mesh over libtpu's compile-only
+`loopjax compile --config X --topology v5p:4x4x4 [--phase NAME]` builds the run's mesh over libtpu's compile-only
 devices for that topology (no TPU needed, only the `tpu` extra), lowers the same jitted step
 `loopjax train` runs (`loopjax.train.trainer.build_trainer`, state shardings from the parameters'
 logical axes) on abstract inputs, and compiles it with XLA:TPU. It prints:
@@ -8,7 +8,10 @@ logical axes) on abstract inputs, and compiles it with XLA:TPU. It prints:
   - per-chip memory from `memory_analysis()` (arguments, output, temporaries, code) against the
     chip's HBM, and whether it fits (the exit code is 1 when it does not);
   - the loop-aware training FLOPs per step from `loopjax.model.flops_per_token`, and the step time
-    and tokens/s at the chips' peak: the 100%-MFU bound, no better.
+    and tokens/s at the chips' peak: the 100%-MFU bound, no better;
+  - for a staged recipe (`config.phases`), one line per phase (its full-batch segment from
+    `loopjax.phases.plan`): seq, sequences per chip, mesh, attention, memory, fits;
+  - when it does not fit, the lever that the memory breakdown points at (`advice`).
 
 XLA's `cost_analysis()` is not used: it counts the body of every while loop (each `scan` over loop
 steps and layers) once, so for a looped, scanned model its FLOPs come out tens of times too low.
@@ -24,6 +27,8 @@ import time
 import jax
 
 from loopjax import metrics
+from loopjax import phases as phases_lib
+from loopjax.config import ConfigError
 from loopjax.model import flops_per_token
 from loopjax.train import state as state_lib
 from loopjax.train.trainer import build_trainer, make_mesh
@@ -128,6 +133,7 @@ class Report:
   devices: int
   hosts: int
   mesh_shape: tuple[int, int, int]
+  attention: str  # the resolved model.attention the step was compiled with
   params: int
   global_batch: int
   seq_len: int
@@ -141,6 +147,7 @@ class Report:
   temp_bytes: int | None = None
   code_bytes: int | None = None
   oom_message: str = ""  # XLA's out-of-memory error, when compilation itself failed for memory
+  splash_in_program: bool = False  # the compiled program calls the Pallas splash-attention kernel
 
   @property
   def total_bytes(self) -> int | None:
@@ -164,7 +171,7 @@ def run(cfg, topology: Topology) -> Report:
   mesh = make_mesh(cfg, devices)
   trainer = build_trainer(cfg, mesh)
   report = Report(topology, len(devices), len({d.process_index for d in devices}), tuple(mesh.devices.shape),
-                  state_lib.count_params(cfg.model), cfg.train.batch_size, cfg.train.seq_len,
+                  trainer.cfg.model.attention, state_lib.count_params(cfg.model), cfg.train.batch_size, cfg.train.seq_len,
                   cfg.model.loop_steps, cfg.model.num_layers, 0.0)
   inputs = trainer.abstract_state, trainer.abstract_batch()
   start = time.perf_counter()
@@ -183,7 +190,34 @@ def run(cfg, topology: Topology) -> Report:
     report.argument_bytes, report.output_bytes = mem.argument_size_in_bytes, mem.output_size_in_bytes
     report.alias_bytes, report.temp_bytes = mem.alias_size_in_bytes, mem.temp_size_in_bytes
     report.code_bytes = mem.generated_code_size_in_bytes
+    report.splash_in_program = "splash" in compiled.as_text()
   return report
+
+
+def rows_per_chip(report: Report) -> float:
+  """Sequences per data-parallel shard (data x fsdp chips share the batch; tensor chips share a row)."""
+  return report.global_batch / (report.mesh_shape[0] * report.mesh_shape[1])
+
+
+def advice(report: Report, cfg) -> str:
+  """The lever the memory breakdown points at, first match: dense attention scores, partial remat, the
+  state (arguments), several sequences per chip, else one sequence's activations (context parallelism)."""
+  m, hbm = cfg.model, report.topology.chip.hbm_bytes
+  heads = m.num_heads / report.mesh_shape[2]
+  scores = max(rows_per_chip(report), 1) * heads * report.seq_len**2 * 4  # one layer's f32 [B, N, S, S]
+  if report.attention == "xla" and scores > hbm / 8:
+    return (f"attention: the xla core holds [B, N, S, S] scores ({_size(scores).strip()} per chip per layer at "
+            f"seq {report.seq_len}); set model.attention=auto (splash on TPU) or blocked, O(S) memory")
+  if m.remat != "full":
+    return f"remat: model.remat={m.remat} saves more than each layer's input; set model.remat=full"
+  state = report.argument_bytes or 12 * report.params / (report.mesh_shape[1] * report.mesh_shape[2])  # f32 + Adam
+  if state > hbm / 2:
+    return "state: shard params and optimizer state over more chips (mesh.fsdp, or a larger topology)"
+  if rows_per_chip(report) > 1:
+    return (f"activations: {rows_per_chip(report):g} sequences per chip; fewer (train.batch_size, or more "
+            "data-parallel chips)")
+  return ("activations of one sequence exceed a chip: context parallelism (shard the sequence over chips; not "
+          "built yet, issue 10), a chip with more HBM, or fewer loop steps per sequence")
 
 
 def _size(n: int) -> str:
@@ -204,6 +238,8 @@ def format_report(report: Report, cfg, config_name: str = "") -> str:
       f"seq {r.seq_len}, global batch {r.global_batch} ({r.global_batch / r.devices:g} per chip), "
       f"{cfg.model.compute_dtype} compute, remat {cfg.model.remat}",
       f"  mesh             data={r.mesh_shape[0]} fsdp={r.mesh_shape[1]} tensor={r.mesh_shape[2]}",
+      f"  attention        {r.attention} (model.attention={cfg.model.attention}; splash kernel in the program: "
+      f"{'yes' if r.splash_in_program else 'no'})",
       f"  compile          {r.compile_seconds:.1f} s (XLA:TPU ahead of time, on this host)",
       "per-chip memory (memory_analysis)",
   ]
@@ -222,8 +258,7 @@ def format_report(report: Report, cfg, config_name: str = "") -> str:
         f"  fits             {'yes' if r.fits else 'NO'}",
     ]
   if not r.fits:
-    lines.append("  fix              Fix: shard the state over more chips (a larger topology, or mesh.fsdp), "
-                 "fewer sequences per chip (train.batch_size), or remat more (model.remat)")
+    lines.append(f"  fix              Fix: {advice(r, cfg)}")
   lines += [
       "throughput bound at 100% MFU (loop-aware analytic FLOPs; XLA cost_analysis counts a scan body once, unused)",
       f"  FLOPs/token      {flops_token:.4g}",
@@ -235,8 +270,40 @@ def format_report(report: Report, cfg, config_name: str = "") -> str:
   return "\n".join(lines)
 
 
-def main(cfg, topology_name: str, config_name: str = "") -> int:
-  """`loopjax compile`: prints the report; 0 if the step fits the chip's HBM, 1 if not."""
-  report = run(cfg, parse_topology(topology_name))
-  print(format_report(report, cfg, config_name), flush=True)
-  return 0 if report.fits else 1
+def phase_configs(cfg, chips: int, phase: str | None = None) -> list[tuple[str, object]]:
+  """(name, derived config) of each recipe phase (or the one named): its last segment, the full batch
+  after any ramp, which is the phase's largest compiled shape. ConfigError for an unknown phase name."""
+  plan = phases_lib.plan(cfg, chips)
+  names = [ph.spec.name for ph in plan]
+  if phase is not None and phase not in names:
+    raise ConfigError(f"--phase {phase!r}: not a phase of this recipe. Fix: use one of {', '.join(names)}")
+  return [(ph.spec.name, ph.segments[-1].cfg) for ph in plan if phase in (None, ph.spec.name)]
+
+
+def format_phase_line(name: str, report: Report, cfg) -> str:
+  """One recipe phase: seq, sequences per chip, mesh, attention, memory per chip, fits (and the lever)."""
+  d, f, t = report.mesh_shape
+  memory = (f"{_size(report.total_bytes).strip():>10} of {report.topology.chip.hbm_bytes / GIB:.0f} GiB"
+            if report.total_bytes is not None else "XLA refused (out of memory)")
+  line = (f"  phase {name:<6} seq {report.seq_len:>6}  {rows_per_chip(report):g} seq/chip  mesh data={d} fsdp={f} "
+          f"tensor={t}  attention {report.attention:<7}  {memory}  fits {'yes' if report.fits else 'NO'}  "
+          f"(compile {report.compile_seconds:.0f} s)")
+  return line if report.fits else f"{line}\n      Fix: {advice(report, cfg)}"
+
+
+def main(cfg, topology_name: str, config_name: str = "", phase: str | None = None) -> int:
+  """`loopjax compile`: prints the report (a recipe: one line per phase); 0 if every step fits the chip's
+  HBM, 1 if not."""
+  topology = parse_topology(topology_name)
+  if not cfg.phases:
+    report = run(cfg, topology)
+    print(format_report(report, cfg, config_name), flush=True)
+    return 0 if report.fits else 1
+  print(f"loopjax pre-flight: recipe {config_name or 'config'} on {topology.name} ({topology.chip.kind}, "
+        f"{topology.chips} chips)", flush=True)
+  fits = True
+  for name, phase_cfg in phase_configs(cfg, topology.chips, phase):
+    report = run(phase_cfg, topology)
+    print(format_phase_line(name, report, phase_cfg), flush=True)
+    fits &= report.fits
+  return 0 if fits else 1

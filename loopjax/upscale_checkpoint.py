@@ -33,6 +33,7 @@ import tensorstore as ts
 
 from loopjax import upscale
 from loopjax.checkpoint import ARRAY_ITEMS, CheckpointError
+from loopjax.checkpoint_files import bits_sum, kvstore, open_array, pick_step
 from loopjax.model import model_kind
 
 _U32 = 2**32
@@ -42,16 +43,6 @@ _WRITES_IN_FLIGHT = 4
 def _chunk_grid(shape, chunks):
   """The index regions (tuples of slices) of an array's stored chunks, in storage order."""
   return itertools.product(*[[slice(a, min(a + c, n)) for a in range(0, n, c)] for n, c in zip(shape, chunks)])
-
-
-def _kvstore(item_dir: str) -> dict:
-  return {"driver": "ocdbt", "base": f"file://{os.path.abspath(item_dir)}/"}
-
-
-def _bits_sum(x: np.ndarray) -> int:
-  """The uint32 sum of x's bit patterns (the checkpoint checksum of one array)."""
-  bits = x.astype(np.uint32) if x.dtype == np.bool_ else x.view(f"uint{x.dtype.itemsize * 8}")
-  return int(np.sum(bits, dtype=np.uint32))
 
 
 def _arrays(kv) -> dict[str, list[bytes]]:
@@ -68,8 +59,8 @@ class _ItemWriter:
   def __init__(self, src: str, dst: str, index: np.ndarray, stack_key: str, zero: bool):
     self.src, self.dst, self.index, self.stack_key, self.zero = src, dst, index, stack_key, zero
     self.context = ts.Context()
-    self.kv_in = ts.KvStore.open(_kvstore(src), context=self.context).result()
-    self.kv_out = ts.KvStore.open(_kvstore(dst), context=self.context).result()
+    self.kv_in = ts.KvStore.open(kvstore(src), context=self.context).result()
+    self.kv_out = ts.KvStore.open(kvstore(dst), context=self.context).result()
     self.chunk_shapes = {}
 
   def run(self, old_checksum: int) -> int:
@@ -93,27 +84,25 @@ class _ItemWriter:
     """
     meta = json.loads(self.kv_in.read(f"{name}/.zarray").result().value)
     stored_chunks = meta["chunks"]
-    source = ts.open({"driver": "zarr", "kvstore": dict(_kvstore(self.src), path=name)},
-                     context=self.context, read=True).result()
+    source = open_array(self.src, name, self.context, read=True)
     dtype = source.dtype.numpy_dtype
     index = self.index if is_layers else np.arange(source.shape[0] if source.rank else 1)
     if is_layers:
       meta = dict(meta, shape=[len(index), *meta["shape"][1:]], chunks=[1, *meta["chunks"][1:]])
       self.chunk_shapes[name] = meta["chunks"]
     self.kv_out.write(f"{name}/.zarray", json.dumps(meta).encode()).result()
-    target = ts.open({"driver": "zarr", "kvstore": dict(_kvstore(self.dst), path=name)},
-                     context=self.context, write=True).result()
+    target = open_array(self.dst, name, self.context, write=True)
     if source.rank == 0:  # a scalar (an optimizer step count): nothing to re-index
       value = np.zeros((), dtype) if self.zero else source.read().result()
       target.write(value).result()
-      return _bits_sum(value), _bits_sum(value)
+      return bits_sum(value), bits_sum(value)
     old_sum = new_sum = 0
     for region in _chunk_grid(source.shape, stored_chunks):
       if self.zero:  # the item's checksum is then 0: no sums needed
         rows, sums = np.zeros([r.stop - r.start for r in region], dtype), None
       else:
         rows = source[region].read().result()
-        sums = [_bits_sum(r) for r in rows]
+        sums = [bits_sum(r) for r in rows]
         old_sum += sum(sums)
       first = region[0].start
       wanted = np.flatnonzero((index >= first) & (index < region[0].stop))
@@ -170,12 +159,7 @@ def upscale_checkpoint(src_dir: str, dst_dir: str, *, layers: int, mapping="inte
   """
   if moments not in upscale.MOMENTS:
     raise upscale.UpscaleError(f"moments={moments!r} is not one of {upscale.MOMENTS}")
-  # Orbax gives a checkpoint its plain step name only once it is complete (see `loopjax.checkpoint`).
-  complete = sorted(int(d) for d in (os.listdir(src_dir) if os.path.isdir(src_dir) else []) if d.isdigit())
-  if not complete or (step is not None and step not in complete):
-    raise CheckpointError(f"no complete checkpoint {'' if step is None else f'at step {step} '}in {src_dir}. "
-                          "Fix: point --from at a run's checkpoints directory (`loopjax checkpoints WORKDIR`)")
-  step = complete[-1] if step is None else step
+  step = pick_step(src_dir, step, "--from")
   src = os.path.join(os.path.abspath(src_dir), str(step))
   final = os.path.join(os.path.abspath(dst_dir), str(step))
   if os.path.exists(final):

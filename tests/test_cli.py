@@ -21,11 +21,17 @@ CACHE = os.path.join(os.path.expanduser("~"), ".cache", "loopjax", "xla-tests-su
 FLAGS = {
     "train": ["--config", "--workdir", "--compile_cache", "--coordinator", "--num_processes", "--process_id",
               "--local_devices", "--initialization_timeout", "--verbose"],
-    "eval": ["--checkpoint", "--step", "--data", "--loop_steps", "--output", "--compile_cache"],
+    "eval": ["--checkpoint", "--step", "--data", "--loop_steps", "--output", "--generate", "--questions",
+             "--compile_cache"],
+    "generate": ["--checkpoint", "--hf", "--prompt", "--prompts_file", "--step", "--tokenizer", "--max_new_tokens",
+                 "--loop_steps", "--exit_threshold", "--kv_cache", "--temperature", "--top_k", "--top_p", "--seed",
+                 "--eos_ids", "--max_len", "--batch_size", "--output", "--compile_cache"],
     "prepare": ["--output", "--tokenizer", "--text_field", "--txt_separator", "--bos_token", "--num_workers",
                 "--no_progress"],
     "checkpoints": ["workdir"],
     "upscale": ["--from", "--to", "--layers", "--mapping", "--moments", "--step"],
+    "import-hf": ["--hf", "--config", "--workdir"],
+    "export-hf": ["--checkpoint", "--step", "--output", "--dtype", "--tokenizer", "--overwrite", "--max_shard_size"],
     "compile": ["--config", "--topology"],
     "params": ["--config", "--config.a.b=VALUE"],
 }

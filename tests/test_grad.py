@@ -10,6 +10,7 @@ which limited plain float32-softmax differences to ~1e-4; the float64 model uses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from helpers import random_batch, random_params, tiny_config
 from loopjax.train.state import model_graph
@@ -24,9 +25,12 @@ def richardson(f, eps=EPS):
   return (4 * central(eps / 2) - central(eps)) / 3
 
 
-def test_objective_gradient_matches_finite_differences():
+@pytest.mark.parametrize("loss_remat", ["recompute", "save"])
+def test_objective_gradient_matches_finite_differences(loss_remat):
+  """Both LM-head backward paths: recomputed chunked logits, and the saved logit gradient (custom_vjp)."""
   with jax.enable_x64(True):
-    cfg = tiny_config(param_dtype="float64", compute_dtype="float64", remat="full", loss_chunk=8)
+    cfg = tiny_config(param_dtype="float64", compute_dtype="float64", remat="full", loss_chunk=8,
+                      loss_remat=loss_remat)
     cfg.model.num_layers, cfg.model.loop_steps = 1, 3
     cfg.train.batch_size, cfg.train.seq_len = 2, 8
     graphdef, _ = model_graph(cfg.model)
@@ -45,8 +49,16 @@ def test_objective_gradient_matches_finite_differences():
       analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction)))
       np.testing.assert_allclose(analytic, numeric, rtol=RTOL)
     # ... and single coordinates check the gate and the first layer on their own.
-    for group, name in (("exit_gate", "bias"), ("exit_gate", "kernel"), ("stack", "wq"), ("stack", "norm_mlp_out")):
-      leaf = params[group][name]
+    for group, name in (("exit_gate", "bias"), ("exit_gate", "kernel"), ("stack", "wq"), ("stack", "norm_mlp_out"),
+                        ("lm_head", None), ("embed", None)):
+      leaf, grad = (params[group], grads[group]) if name is None else (params[group][name], grads[group][name])
       index = tuple(int(i) for i in np.unravel_index(rng.integers(leaf.size), leaf.shape))
-      bumped = lambda s: loss({**params, group: {**params[group], name: leaf.at[index].add(s)}})
-      np.testing.assert_allclose(grads[group][name][index], richardson(bumped), rtol=RTOL, atol=1e-8)
+      bumped = lambda s: loss(_bump(params, group, name, index, s))
+      np.testing.assert_allclose(grad[index], richardson(bumped), rtol=RTOL, atol=1e-8)
+
+
+def _bump(params, group, name, index, s):
+  """params with params[group][name][index] (or params[group][index]) increased by s."""
+  if name is None:
+    return {**params, group: params[group].at[index].add(s)}
+  return {**params, group: {**params[group], name: params[group][name].at[index].add(s)}}

@@ -104,3 +104,23 @@ def test_too_big_a_model_does_not_fit_and_exits_nonzero():
   refused = re.search(r"XLA refused to compile: .*RESOURCE_EXHAUSTED", report)
   assert refused or _mib(_field(report, "total")) > 16 * GIB / 2**20, report
   assert "Fix:" in _field(report, "fix")
+
+
+def _compile_long(seq_len: int) -> str:
+  code, report = _compile("--topology", "v5e:2x2", *SMALL[:-2], "--config.model.hidden_size=256",
+                          "--config.model.mlp_dim=512", "--config.model.num_layers=1", "--config.model.loop_steps=2",
+                          "--config.mesh.data=1", "--config.mesh.fsdp=4", "--config.train.batch_size=4",
+                          f"--config.train.seq_len={seq_len}")
+  assert code == 0, report
+  return report
+
+
+@needs_libtpu
+def test_long_sequences_compile_splash_attention_with_linear_memory():
+  """`auto` is splash on TPU: the kernel is in the compiled program and per-chip memory grows about
+  linearly with the sequence (1024 -> 2048: ratio < 2.5). The xla core at these sizes holds [1, 4, S, S]
+  float32 scores per layer, 16 MiB at 2048, and grows about 4x (temporaries 691 MB at 4096)."""
+  short, long = _compile_long(1024), _compile_long(2048)
+  for report in (short, long):
+    assert _field(report, "attention").startswith("splash (model.attention=auto; splash kernel in the program: yes")
+  assert _mib(_field(long, "total")) < 2.5 * _mib(_field(short, "total")), (short, long)

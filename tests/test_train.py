@@ -24,6 +24,7 @@ def run(tmp_path_factory):
   cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.decay_steps = 3e-3, 5, 5
   cfg.data.loss_on = "all"
   cfg.eval.every_steps, cfg.eval.loop_steps, cfg.eval.num_batches = 15, "2,4", 1
+  cfg.train.peak_flops = 1e11  # the MFU denominator, given instead of measured
   workdir = str(tmp_path_factory.mktemp("train"))
   result = train(cfg, workdir)
   assert (result.step, result.preempted) == (30, False)
@@ -41,13 +42,16 @@ def test_loss_falls_over_30_steps(run):
 
 
 def test_metrics_rows_hold_every_key_with_one_value_per_loop_step(run):
+  """Every row: per-step CE and exit mass, and MFU = tokens/s x FLOPs per token / train.peak_flops."""
   cfg, _, rows, _ = run
   for row in rows:
     assert METRIC_KEYS <= set(row)
     assert len(row["ce_per_step"]) == len(row["exit_probs"]) == cfg.model.loop_steps
     assert abs(sum(row["exit_probs"]) - 1) < 1e-5
     assert 1 <= row["expected_exit_step"] <= cfg.model.loop_steps
-    assert row["tokens_per_sec"] > 0 and 0 < row["mfu"] < 1
+    assert row["tokens_per_sec"] > 0
+    flops = flops_per_token(cfg.model, cfg.train.seq_len)
+    assert row["mfu"] == pytest.approx(row["tokens_per_sec"] * flops / cfg.train.peak_flops, rel=1e-12)
 
 
 def test_tensorboard_events_hold_the_scalars(run):
@@ -110,3 +114,16 @@ def test_profile_hook_writes_a_trace_of_the_asked_steps(tmp_path):
   train(cfg, str(tmp_path))
   traces = glob.glob(str(tmp_path / "profile" / "**" / "*.xplane.pb"), recursive=True)
   assert len(traces) == 1 and os.path.getsize(traces[0]) > 0
+
+
+def test_peak_flops_comes_from_config_env_or_a_probe(monkeypatch):
+  from loopjax.metrics import PEAK_FLOPS_ENV, peak_flops
+  cfg = tiny_config()
+  monkeypatch.setenv(PEAK_FLOPS_ENV, "2.5e12")
+  assert peak_flops(cfg) == (2.5e12, PEAK_FLOPS_ENV)
+  cfg.train.peak_flops = 3e12
+  assert peak_flops(cfg) == (3e12, "train.peak_flops")
+  monkeypatch.delenv(PEAK_FLOPS_ENV)
+  cfg.train.peak_flops = 0.0
+  measured, source = peak_flops(cfg)  # CPU: the model's own [B x S, D] @ [D, F] matmul
+  assert measured > 1e8 and "[64, 32] @ [32, 48] float32" in source

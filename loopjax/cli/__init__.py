@@ -1,9 +1,9 @@
 """`loopjax <command> [flags]`: one argparse parser per command, one module per command.
 
-A command is a module `loopjax/cli/<name>.py` listed in COMMANDS. Its docstring is its help (the
-first line its entry in the command list), `add_arguments(parser)` declares its flags and
-`run(args) -> int` does the work and returns the exit code. Commands that take `--config` declare it
-with `config_args.add_arguments`; `args.config` is then the loaded config with every
+A command is a module `loopjax/cli/<name>.py` listed in COMMANDS (import-hf: cli/import_hf.py). Its
+docstring is its help (the first line its entry in the command list), `add_arguments(parser)`
+declares its flags and `run(args) -> int` does the work and returns the exit code. Commands that take
+`--config` declare it with `config_args.add_arguments`; `args.config` is then the loaded config with every
 `--config.a.b=VALUE` override applied. Modules import heavy libraries (jax, orbax) inside
 functions, so listing the commands stays fast.
 """
@@ -13,7 +13,8 @@ import sys
 
 from loopjax.cli import config_args, errors, logs, parsing
 
-COMMANDS = ("train", "eval", "prepare", "checkpoints", "upscale", "compile", "params")
+COMMANDS = ("train", "eval", "generate", "prepare", "checkpoints", "upscale", "import-hf", "export-hf", "compile",
+            "params")
 
 
 def main(argv: list[str] | None = None):
@@ -48,7 +49,7 @@ def _parse_and_run(name: str, module, argv: list[str]) -> int:
 
 
 def _command(name: str):
-  return importlib.import_module(f"loopjax.cli.{name}")
+  return importlib.import_module(f"loopjax.cli.{name.replace('-', '_')}")
 
 
 def usage() -> str:

@@ -15,8 +15,10 @@ EXPECTED = {
     "loopjax.data.readers": "InputError",
     "loopjax.data.tokenizer": "TokenizerError",
     "loopjax.upscale": "UpscaleError",
+    "loopjax.hf.errors": "HFError",
     "loopjax.preflight": "TopologyError",
     "loopjax.distributed": "DistributedError",
+    "loopjax.infer.inputs": "GenerateError",
 }
 EXIT_USAGE = 2
 

@@ -1,6 +1,8 @@
 """Evaluate a checkpoint at one or more loop counts: loopjax eval --checkpoint WORKDIR [--data X].
 
 Uses the run's own saved config; --data and --loop_steps replace its eval.source and eval.loop_steps.
+With --generate, a synthetic task's answers are generated greedily with Q-exit instead (exact match vs
+the mean loop steps run, q = 0.1..0.9 and full depth), and the curve is appended to metrics.jsonl.
 """
 
 import json
@@ -15,6 +17,11 @@ def add_arguments(parser):
   parser.add_argument("--data", default="", help="held-out data (a task or corpus dirs); default: the run's")
   parser.add_argument("--loop_steps", default="", help="loop counts to evaluate at, e.g. 1,2,4,8")
   parser.add_argument("--output", default="", help="also append the results as a JSON line to this file")
+  parser.add_argument("--generate", action="store_true",
+                      help="instead: score the synthetic task's answers by greedy decoding with Q-exit at "
+                           "q = 0.1..0.9 and at full depth (exact match vs mean depth, appended to the "
+                           "run's metrics.jsonl)")
+  parser.add_argument("--questions", type=int, default=256, help="with --generate: held-out questions")
   runtime.add_compile_cache_argument(parser)
 
 
@@ -23,6 +30,8 @@ def run(args) -> int:
 
   from loopjax import evaluation
   runtime.enable_compile_cache(args.compile_cache)
+  if args.generate:
+    return run_generate(args)
   runtime.allow_grain_workers()
   path = args.checkpoint
   if os.path.isdir(os.path.join(path, "checkpoints")):
@@ -34,4 +43,21 @@ def run(args) -> int:
     if args.output:
       with open(args.output, "a") as f:
         f.write(json.dumps({"step": step, **results}) + "\n")
+  return 0
+
+
+def run_generate(args) -> int:
+  """`--generate`: the exact-match vs depth curve of greedy decoding, printed and appended to metrics.jsonl."""
+  from loopjax import evaluation
+  from loopjax.infer import eval_generate, load
+  source = load.from_checkpoint(args.checkpoint, args.step)
+  cfg = source.run_config
+  cfg.eval.source = args.data or cfg.eval.source
+  cfg.eval.loop_steps = args.loop_steps or cfg.eval.loop_steps
+  results = eval_generate.evaluate(source, cfg, evaluation.eval_loop_steps(cfg), args.questions)
+  print(f"checkpoint step {source.step} in {args.checkpoint}\n{eval_generate.format_table(results)}")
+  line = json.dumps({"step": source.step, **results}) + "\n"
+  for path in [os.path.join(source.workdir, "metrics.jsonl")] + ([args.output] if args.output else []):
+    with open(path, "a") as f:
+      f.write(line)
   return 0

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import shutil
 
 import tqdm
 from array_record.python.array_record_module import ArrayRecordWriter
@@ -153,8 +154,17 @@ def prepare(inputs: list[str], output_dir: str, options: Options = Options(), *,
       "shards": [{k: s[k] for k in ("path", "bytes", "sha256", "documents", "tokens")}
                  | {"input": s["fingerprint"]["input"]} for s in shards],
   }
+  keep_tokenizer(options.tokenizer, output_dir)
   records.write_json_atomic(manifest_path, manifest)
   return {**manifest, "reused_shards": sum(s["reused"] for s in shards)}
+
+
+def keep_tokenizer(spec: str, output_dir: str):
+  """A copy of an HF tokenizer.json beside the corpus (its sha256 is in the manifest), so the runs trained
+  on it can ship their tokenizer (`loopjax export-hf`) without being told where it was."""
+  target = os.path.join(output_dir, records.TOKENIZER)
+  if spec != tokenizer.BYTE and not (os.path.exists(target) and os.path.samefile(spec, target)):
+    shutil.copyfile(spec, target)
 
 
 def report(manifest: dict) -> str:

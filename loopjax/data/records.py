@@ -17,6 +17,7 @@ import numpy as np
 MANIFEST = "manifest.json"
 FORMAT = "loopjax-tokens-v1"
 DONE_SUFFIX = ".done.json"
+TOKENIZER = "tokenizer.json"  # the HF tokenizer's copy beside a corpus prepared with one
 
 
 class CorpusError(ValueError):

@@ -31,6 +31,10 @@ class ByteTokenizer:
   def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
     return [np.frombuffer(t.encode("utf-8"), np.uint8).astype(np.uint32) for t in texts]
 
+  def decode(self, ids: list[int]) -> str:
+    """Text of the byte ids (the document-start id and invalid UTF-8 become U+FFFD)."""
+    return bytes(i if i < 256 else 0xFF for i in ids).decode("utf-8", errors="replace")
+
 
 class HFTokenizer:
   """A `tokenizers` JSON file; encodes without its post-processor's special tokens."""
@@ -67,6 +71,9 @@ class HFTokenizer:
   def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
     encodings = self._tok.encode_batch_fast(texts, add_special_tokens=False)
     return [np.asarray(e.ids, np.uint32) for e in encodings]
+
+  def decode(self, ids: list[int]) -> str:
+    return self._tok.decode(ids, skip_special_tokens=False)
 
 
 def load(spec: str, bos_token: str | None = None):

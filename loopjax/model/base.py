@@ -11,15 +11,22 @@ its upscalable stack, its FLOP count, its HF names), so adding a kind touches on
 """
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from loopjax.exits import exit_distribution
 from loopjax.model.heads import lm_cross_entropy, lm_logits
+
+
+# "auto" keeps every loop step's d CE / d logits (the whole global batch) up to this size; above it
+# the head is recomputed in the backward pass, in `loss_chunk` chunks if set.
+LOSS_SAVE_BYTES = 2**30
 
 
 class LoopOutput(NamedTuple):
@@ -45,11 +52,25 @@ class LoopedModel(nnx.Module):
 
   def step_losses(self, tokens_BS, targets_BS, *, segment_ids_BS=None, positions_BS=None,
                   loop_steps: int | None = None):
-    """(ce_TBS, gate_logits_TBS): every step's per-token next-token CE (logits never kept) and gates."""
+    """(ce_TBS, gate_logits_TBS): every step's per-token next-token CE and gates.
+
+    Each step's CE keeps d CE / d logits for the backward pass when `model.loss_remat` says so
+    ("auto": when that gradient for all T steps fits in LOSS_SAVE_BYTES), else recomputes the logits.
+    """
+    save = _saves_logit_grads(self.cfg, tokens_BS.shape, loop_steps or self.cfg.loop_steps)
+
     def read_out(h_BSD, kernel_DV):
-      return lm_cross_entropy(h_BSD, kernel_DV, targets_BS, self.cfg.loss_chunk)
+      return lm_cross_entropy(h_BSD, kernel_DV, targets_BS, self.cfg.loss_chunk, save_logit_grads=save)
     return self.run_loop(tokens_BS, read_out, segment_ids_BS=segment_ids_BS, positions_BS=positions_BS,
                          loop_steps=loop_steps)
+
+
+def _saves_logit_grads(cfg, batch_seq: tuple[int, int], loop_steps: int) -> bool:
+  """model.loss_remat: "save", "recompute", or "auto" (save when T x B x S x V fits LOSS_SAVE_BYTES)."""
+  if cfg.loss_remat != "auto":
+    return cfg.loss_remat == "save"
+  size = loop_steps * math.prod(batch_seq) * cfg.vocab_size * jnp.dtype(cfg.compute_dtype).itemsize
+  return size <= LOSS_SAVE_BYTES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,13 +79,23 @@ class HFMapping:
 
   layer_tensors: loopjax name under the stack key -> (HF name after `layer_prefix`, layout).
   tensors: path of every other loopjax param -> (HF name, layout).
-  layout(w, how, model_cfg): one HF tensor in loopjax's layout.
+  layout(w, how, model_cfg): one HF tensor in loopjax's layout; unlayout is its inverse (export).
+  model_type, architecture: config.json's "model_type" and "architectures" entry (the transformers class).
+  config_fields: loopjax `model` field -> its config.json key, read on import and written on export.
+  config_extras(model_cfg): the other config.json keys the released model code reads (written on export).
+  auto_map: config.json's "auto_map": where transformers finds the model code (not shipped by loopjax).
   """
 
   layer_prefix: str  # with "{i}" for the layer index
   layer_tensors: dict[str, tuple[str, str]]
   tensors: dict[tuple[str, ...], tuple[str, str]]
   layout: Callable[[np.ndarray, str, object], np.ndarray]
+  unlayout: Callable[[np.ndarray, str, object], np.ndarray]
+  model_type: str
+  architecture: str
+  config_fields: dict[str, str]
+  config_extras: Callable[[object], dict]
+  auto_map: dict[str, str]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from loopjax.model.layers import upcast
+from loopjax.model.layers import dense, upcast
 from loopjax.model.stack import ParamSpec, create_params
 from loopjax.sharding import constrain
 
@@ -16,21 +16,58 @@ def token_cross_entropy(logits_BSV: jax.Array, targets_BS: jax.Array) -> jax.Arr
   return jax.nn.logsumexp(logits_BSV, axis=-1) - target_logit_BS
 
 
+@jax.named_scope("lm_head")
 def lm_logits(h_BSD: jax.Array, kernel_DV: jax.Array) -> jax.Array:
   """Logits [B, S, V] of the LM head, accumulated and returned in (at least) float32."""
-  logits = jnp.einsum("bsd,dv->bsv", h_BSD, kernel_DV.astype(h_BSD.dtype),
-                      preferred_element_type=jnp.promote_types(h_BSD.dtype, jnp.float32))
+  logits = dense(h_BSD, kernel_DV.astype(h_BSD.dtype), 1,
+                 preferred_element_type=jnp.promote_types(h_BSD.dtype, jnp.float32))
   return constrain(logits, ("batch", "seq", "act_vocab"))
 
 
-def lm_cross_entropy(h_BSD: jax.Array, kernel_DV: jax.Array, targets_BS: jax.Array, chunk: int = 0) -> jax.Array:
-  """Per-token CE [B, S] of the LM head, never keeping [B, S, V] logits for the backward pass.
+@jax.custom_vjp
+def _ce_saving_logit_grads(h_BSD: jax.Array, kernel_DV: jax.Array, targets_BS: jax.Array) -> jax.Array:
+  """Per-token CE whose backward pass reuses d CE / d logits from the forward: 3 head matmuls, not 4."""
+  return token_cross_entropy(lm_logits(h_BSD, kernel_DV), targets_BS)
 
-  The head + CE is wrapped in `jax.checkpoint`, so the backward pass recomputes logits from the
-  [B, S, D] hidden state instead of storing them; with `chunk > 0` the sequence is also processed in
-  chunks by a scan, so at most [B, chunk, V] logits exist at once. At Ouro's vocab (49,152) this is the
+
+def _ce_forward(h_BSD, kernel_DV, targets_BS):
+  """CE and the residual softmax - onehot (d CE_bs / d logits_bs), kept in the compute dtype."""
+  logits_BSV = upcast(lm_logits(h_BSD, kernel_DV))
+  log_z_BS = jax.nn.logsumexp(logits_BSV, axis=-1)
+  ce_BS = log_z_BS - jnp.take_along_axis(logits_BSV, targets_BS[..., None], axis=-1)[..., 0]
+  onehot_BSV = jax.nn.one_hot(targets_BS, logits_BSV.shape[-1], dtype=logits_BSV.dtype)
+  dlogits_BSV = jnp.exp(logits_BSV - log_z_BS[..., None]) - onehot_BSV
+  dlogits_BSV = constrain(dlogits_BSV.astype(h_BSD.dtype), ("batch", "seq", "act_vocab"))
+  return ce_BS, (h_BSD, kernel_DV, dlogits_BSV)
+
+
+def _ce_backward(residuals, g_BS):
+  h_BSD, kernel_DV, dlogits_BSV = residuals
+  d_BSV = dlogits_BSV * g_BS[..., None].astype(dlogits_BSV.dtype)
+  dh_BSD = dense(d_BSV, kernel_DV.astype(d_BSV.dtype).T, 1).astype(h_BSD.dtype)
+  rows = h_BSD.shape[0] * h_BSD.shape[1]
+  dkernel_DV = jnp.matmul(h_BSD.reshape(rows, -1).T, d_BSV.reshape(rows, -1), preferred_element_type=jnp.float32)
+  return dh_BSD, dkernel_DV.astype(kernel_DV.dtype), None
+
+
+_ce_saving_logit_grads.defvjp(_ce_forward, _ce_backward)
+
+
+@jax.named_scope("lm_head")
+def lm_cross_entropy(h_BSD: jax.Array, kernel_DV: jax.Array, targets_BS: jax.Array, chunk: int = 0,
+                     save_logit_grads: bool = False) -> jax.Array:
+  """Per-token CE [B, S] of the LM head, the way the backward pass gets its logits chosen by the caller.
+
+  save_logit_grads: the forward keeps d CE / d logits ([B, S, V] in the compute dtype) for the
+  backward pass, which then needs two matmuls (dh, dkernel) and no recomputation: the fastest path
+  when the logits fit (see `LoopedModel.step_losses`, model.loss_remat).
+  Otherwise the head + CE is wrapped in `jax.checkpoint`: the backward pass recomputes the logits from
+  the [B, S, D] state (a 4th head matmul), and with `chunk > 0` the sequence is processed in chunks
+  by a scan, so at most [B, chunk, V] logits exist at once. At Ouro's vocab (49,152) this is the
   difference between fitting and not: T x B x S x V float32 logits are the largest activation.
   """
+  if save_logit_grads:
+    return _ce_saving_logit_grads(h_BSD, kernel_DV, targets_BS)
   ce = jax.checkpoint(lambda h, targets: token_cross_entropy(lm_logits(h, kernel_DV), targets))
   batch, seq, _ = h_BSD.shape
   if not chunk or chunk >= seq:
@@ -54,6 +91,7 @@ def head_param(hidden: int, vocab: int, *, init_std: float, param_dtype, rngs: n
   return HEAD.create((hidden, vocab), init_std=init_std, param_dtype=param_dtype, rngs=rngs)
 
 
+@jax.named_scope("exit_gate")
 def gate_logits(h_BSD: jax.Array, kernel_D: jax.Array, bias: jax.Array) -> jax.Array:
   """gate = h . w + b per token [B, S], in (at least) float32. Pre-sigmoid."""
   return jnp.einsum("bsd,d->bs", upcast(h_BSD), upcast(kernel_D)) + upcast(bias)

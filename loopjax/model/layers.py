@@ -6,10 +6,13 @@ the formulas in SPEC section 1. Shapes: B batch, S sequence, D hidden, N query h
 H head_dim, F mlp hidden, V vocab.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from loopjax.model import attention as attention_lib
 from loopjax.sharding import constrain
 
 
@@ -18,6 +21,20 @@ def upcast(x: jax.Array) -> jax.Array:
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
+def dense(x: jax.Array, w: jax.Array, contract: int, preferred_element_type=None) -> jax.Array:
+  """x's last `contract` axes times w's first `contract` axes, as one 2-D matmul [rows, in] @ [in, out].
+
+  Same math as the einsum ("bsd,dnh->bsnh", "bsnh,nhd->bsd", ...), but flattened to 2-D: XLA:CPU
+  lays the 3-D einsums' gradients out with transposes that cost about as much as the matmuls
+  (an MLP's gradient measured 1.8x faster flattened; BENCHMARKS.md, "Step efficiency").
+  """
+  lead, out = x.shape[:x.ndim - contract], w.shape[contract:]
+  inner = math.prod(w.shape[:contract])
+  y = jnp.matmul(x.reshape(-1, inner), w.reshape(inner, -1), preferred_element_type=preferred_element_type)
+  return y.reshape(*lead, *out)
+
+
+@jax.named_scope("norm")
 def rms_norm(x_BSD: jax.Array, weight_D: jax.Array, eps: float) -> jax.Array:
   """y = w * x / sqrt(mean(x^2) + eps), computed in float32 and cast back to x's dtype."""
   x32 = upcast(x_BSD)
@@ -25,6 +42,7 @@ def rms_norm(x_BSD: jax.Array, weight_D: jax.Array, eps: float) -> jax.Array:
   return (upcast(weight_D) * y).astype(x_BSD.dtype)
 
 
+@jax.named_scope("norm")
 def layer_norm(x_BSD: jax.Array, scale_D: jax.Array, bias_D: jax.Array, eps: float) -> jax.Array:
   """GPT-2 LayerNorm (with bias), in float32."""
   x32 = upcast(x_BSD)
@@ -54,39 +72,16 @@ def apply_rope(x_BSNH: jax.Array, cos_BSH: jax.Array, sin_BSH: jax.Array) -> jax
   return out.astype(x_BSNH.dtype)
 
 
-def attention_mask(segment_ids_BS: jax.Array | None) -> jax.Array | None:
-  """[B, 1, S, S] boolean: causal and within the same (non-padding) document; None if unpacked."""
-  if segment_ids_BS is None:
-    return None
-  same_doc = segment_ids_BS[:, :, None] == segment_ids_BS[:, None, :]
-  seq = segment_ids_BS.shape[1]
-  causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))
-  # Padding rows (segment 0) still attend to themselves so softmax never sees an empty row.
-  return (same_doc & causal)[:, None]
-
-
-def float64_attention(q_BSNH, k_BSKH, v_BSKH, mask_B1SS) -> jax.Array:
-  """Causal softmax attention entirely in the inputs' dtype.
-
-  `jax.nn.dot_product_attention` always takes the softmax in float32; float64 runs (gradient and
-  numerical checks) use this instead so nothing in the model rounds to float32.
-  """
-  B, S, N, H = q_BSNH.shape
-  K = k_BSKH.shape[2]
-  q_BSKGH = q_BSNH.reshape(B, S, K, N // K, H)
-  scores_BKGST = jnp.einsum("bskgh,btkh->bkgst", q_BSKGH, k_BSKH) * H**-0.5
-  allowed = jnp.tril(jnp.ones((S, S), bool)) if mask_B1SS is None else mask_B1SS[:, :, None]
-  weights = jax.nn.softmax(jnp.where(allowed, scores_BKGST, -jnp.inf), axis=-1)
-  return jnp.einsum("bkgst,btkh->bskgh", weights, v_BSKH).reshape(B, S, N, H)
-
-
-def attention(p: dict, x_BSD: jax.Array, cos_BSH, sin_BSH, mask_B1SS, dtype) -> jax.Array:
+@jax.named_scope("attention")
+def attention(p: dict, x_BSD: jax.Array, cos_BSH, sin_BSH, mask: attention_lib.Mask | None, dtype) -> jax.Array:
   """Causal multi-head / grouped-query attention with optional RoPE and document mask.
+
+  `mask` carries the documents and the core implementation (`loopjax.model.attention`); None = causal.
 
   p holds wq [D,N,H], wk/wv [D,K,H], wo [N,H,D] (and GPT-2 biases bq/bk/bv [N,H], bo [D] if present).
   """
   def proj(w, b=None):
-    y = jnp.einsum("bsd,dnh->bsnh", x_BSD, w.astype(dtype))
+    y = dense(x_BSD, w.astype(dtype), 1)
     return y if b is None else y + b.astype(dtype)
 
   q_BSNH = constrain(proj(p["wq"], p.get("bq")), ("batch", "seq", "act_heads", None))
@@ -95,50 +90,47 @@ def attention(p: dict, x_BSD: jax.Array, cos_BSH, sin_BSH, mask_B1SS, dtype) -> 
   if cos_BSH is not None:
     q_BSNH = apply_rope(q_BSNH, cos_BSH, sin_BSH)
     k_BSKH = apply_rope(k_BSKH, cos_BSH, sin_BSH)
-  if jnp.dtype(dtype) == jnp.float64:
-    out_BSNH = float64_attention(q_BSNH, k_BSKH, v_BSKH, mask_B1SS)
-  else:
-    out_BSNH = jax.nn.dot_product_attention(
-        q_BSNH, k_BSKH, v_BSKH, mask=mask_B1SS, is_causal=mask_B1SS is None,
-        scale=q_BSNH.shape[-1] ** -0.5)
-  out_BSD = jnp.einsum("bsnh,nhd->bsd", out_BSNH, p["wo"].astype(dtype))
+  with jax.named_scope("core"):  # softmax(q k^T) v; the profile tells it from the projections
+    out_BSNH = attention_lib.core(q_BSNH, k_BSKH, v_BSKH, mask, jnp.dtype(dtype).name)
+  out_BSD = dense(out_BSNH, p["wo"].astype(dtype), 2)
   if "bo" in p:
     out_BSD = out_BSD + p["bo"].astype(dtype)
   return checkpoint_name(constrain(out_BSD, ("batch", "seq", "act_embed")), "attention_out")
 
 
+@jax.named_scope("mlp")
 def swiglu_mlp(p: dict, x_BSD: jax.Array, dtype) -> jax.Array:
   """down( silu(gate(x)) * up(x) ), no biases."""
-  gate_BSF = jnp.einsum("bsd,df->bsf", x_BSD, p["w_gate"].astype(dtype))
-  up_BSF = jnp.einsum("bsd,df->bsf", x_BSD, p["w_up"].astype(dtype))
+  gate_BSF = dense(x_BSD, p["w_gate"].astype(dtype), 1)
+  up_BSF = dense(x_BSD, p["w_up"].astype(dtype), 1)
   hidden_BSF = constrain(jax.nn.silu(gate_BSF) * up_BSF, ("batch", "seq", "act_mlp"))
-  return constrain(jnp.einsum("bsf,fd->bsd", hidden_BSF, p["w_down"].astype(dtype)),
-                   ("batch", "seq", "act_embed"))
+  return constrain(dense(hidden_BSF, p["w_down"].astype(dtype), 1), ("batch", "seq", "act_embed"))
 
 
+@jax.named_scope("mlp")
 def gelu_mlp(p: dict, x_BSD: jax.Array, dtype) -> jax.Array:
   """GPT-2 MLP: fc2( gelu_tanh(fc1(x) + b1) ) + b2."""
-  h_BSF = jnp.einsum("bsd,df->bsf", x_BSD, p["w_fc"].astype(dtype)) + p["b_fc"].astype(dtype)
+  h_BSF = dense(x_BSD, p["w_fc"].astype(dtype), 1) + p["b_fc"].astype(dtype)
   h_BSF = constrain(jax.nn.gelu(h_BSF, approximate=True), ("batch", "seq", "act_mlp"))
-  out = jnp.einsum("bsf,fd->bsd", h_BSF, p["w_proj"].astype(dtype)) + p["b_proj"].astype(dtype)
+  out = dense(h_BSF, p["w_proj"].astype(dtype), 1) + p["b_proj"].astype(dtype)
   return constrain(out, ("batch", "seq", "act_embed"))
 
 
-def sandwich_layer(p: dict, x_BSD, cos_BSH, sin_BSH, mask_B1SS, *, eps: float, dtype) -> jax.Array:
+def sandwich_layer(p: dict, x_BSD, cos_BSH, sin_BSH, mask, *, eps: float, dtype) -> jax.Array:
   """The Ouro decoder layer, four RMSNorms:
 
     h   = x + norm_attn_out( attention( norm_attn_in(x) ) )
     out = h + norm_mlp_out( mlp( norm_mlp_in(h) ) )
   """
-  attn = attention(p, rms_norm(x_BSD, p["norm_attn_in"], eps), cos_BSH, sin_BSH, mask_B1SS, dtype)
+  attn = attention(p, rms_norm(x_BSD, p["norm_attn_in"], eps), cos_BSH, sin_BSH, mask, dtype)
   h_BSD = x_BSD + rms_norm(attn, p["norm_attn_out"], eps)
   mlp = swiglu_mlp(p, rms_norm(h_BSD, p["norm_mlp_in"], eps), dtype)
   return h_BSD + rms_norm(mlp, p["norm_mlp_out"], eps)
 
 
-def gpt2_layer(p: dict, x_BSD, mask_B1SS, *, eps: float, dtype) -> jax.Array:
+def gpt2_layer(p: dict, x_BSD, mask, *, eps: float, dtype) -> jax.Array:
   """GPT-2 pre-norm block: x + attn(ln_1(x)), then + mlp(ln_2(.)). Learned positions, no RoPE."""
   h_BSD = x_BSD + attention(p, layer_norm(x_BSD, p["ln1_scale"], p["ln1_bias"], eps), None, None,
-                            mask_B1SS, dtype)
+                            mask, dtype)
   return h_BSD + gelu_mlp(p, layer_norm(h_BSD, p["ln2_scale"], p["ln2_bias"], eps), dtype)
 

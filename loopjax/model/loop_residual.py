@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from loopjax.model import layers
+from loopjax.model import attention, layers
 from loopjax.model.base import LoopedModel, ModelKind
 from loopjax.model.heads import head_param
 from loopjax.model.stack import LayerStack, ParamSpec, create_params, scan_layers
@@ -84,12 +84,12 @@ class LoopResidualGPT2(LoopedModel):
     cdt = jnp.dtype(cfg.compute_dtype)
     if positions_BS is None:
       positions_BS = jnp.broadcast_to(jnp.arange(tokens_BS.shape[1]), tokens_BS.shape)
-    mask_B1SS = layers.attention_mask(segment_ids_BS)
+    mask = attention.model_mask(cfg, segment_ids_BS)
     x_BSD = jnp.take(self.wte[...], tokens_BS, axis=0) + jnp.take(self.wpe[...], positions_BS, axis=0)
     x_BSD = constrain(x_BSD.astype(cdt), ("batch", "seq", "act_embed"))
 
     def layer_fn(p, x):
-      return layers.gpt2_layer(p, x, mask_B1SS, eps=LN_EPS, dtype=cdt)
+      return layers.gpt2_layer(p, x, mask, eps=LN_EPS, dtype=cdt)
 
     def run(stack, x):
       return x if stack is None else scan_layers(layer_fn, stack.stacked(), x, cfg.remat)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from loopjax.model import layers
+from loopjax.model import attention, layers
 from loopjax.model.base import HFMapping, LoopedModel, ModelKind
 from loopjax.model.heads import ExitGate, gate_logits, head_param
 from loopjax.model.stack import LayerStack, ParamSpec, scan_layers
@@ -57,7 +57,7 @@ class LoopContext(NamedTuple):
   """What stays fixed over the loop steps of one forward: RoPE tables, document mask, settings."""
   cos_BSH: jax.Array
   sin_BSH: jax.Array
-  mask_B1SS: jax.Array | None
+  mask: attention.Mask  # documents and the attention implementation
   eps: float
   remat: str
   dtype: Any
@@ -69,7 +69,7 @@ def loop_step(parts: LoopParts, h_BSD: jax.Array, context: LoopContext) -> tuple
   Pure, so `run_loop` scans it with `lax.scan` and a decoder can drive it with `lax.while_loop`.
   """
   def layer_fn(p, x_BSD):
-    return layers.sandwich_layer(p, x_BSD, context.cos_BSH, context.sin_BSH, context.mask_B1SS,
+    return layers.sandwich_layer(p, x_BSD, context.cos_BSH, context.sin_BSH, context.mask,
                                  eps=context.eps, dtype=context.dtype)
 
   h_BSD = scan_layers(layer_fn, parts.stack, h_BSD, context.remat)
@@ -106,7 +106,7 @@ class LoopLM(LoopedModel):
     if positions_BS is None:
       positions_BS = jnp.broadcast_to(jnp.arange(tokens_BS.shape[1]), tokens_BS.shape)
     cos_BSH, sin_BSH = layers.rope_tables(positions_BS, cfg.head_dim, cfg.rope_base, dtype)
-    return LoopContext(cos_BSH, sin_BSH, layers.attention_mask(segment_ids_BS), cfg.norm_eps, cfg.remat,
+    return LoopContext(cos_BSH, sin_BSH, attention.model_mask(cfg, segment_ids_BS), cfg.norm_eps, cfg.remat,
                        dtype)
 
   def run_loop(self, tokens_BS, read_out, *, segment_ids_BS=None, positions_BS=None,
@@ -157,6 +157,32 @@ def hf_layout(w: np.ndarray, how: str, m) -> np.ndarray:
   raise ValueError(how)
 
 
+def hf_unlayout(w, how: str, m):
+  """The inverse of `hf_layout`: one loopjax array as the HF tensor (export). Methods only, so it also
+  runs on abstract arrays (`jax.eval_shape` gives the HF shapes)."""
+  if how == "as_is":
+    return w
+  if how == "transpose":
+    return w.T
+  if how == "row":
+    return w.reshape(1, -1)
+  if how == "scalar":
+    return w.reshape(1)
+  if how in ("split_out_heads_q", "split_out_heads_kv"):
+    return w.reshape(m.hidden_size, -1).T
+  if how == "split_in_heads":
+    return w.reshape(-1, m.hidden_size).T
+  raise ValueError(how)
+
+
+def hf_config_extras(m) -> dict:
+  """config.json keys the released Ouro code reads besides the sizes: full causal attention in every layer,
+  SiLU, no RoPE scaling; early_exit_threshold 1.0 (its default: the last step unless the exit CDF hits 1)."""
+  return {"hidden_act": "silu", "layer_types": ["full_attention"] * m.num_layers, "max_window_layers": m.num_layers,
+          "use_sliding_window": False, "sliding_window": None, "rope_scaling": None, "attention_dropout": 0.0,
+          "early_exit_threshold": 1.0, "initializer_range": m.init_std, "use_cache": True}
+
+
 HF = HFMapping(
     layer_prefix="model.layers.{i}.",
     layer_tensors={
@@ -180,6 +206,18 @@ HF = HFMapping(
         ("lm_head",): ("lm_head.weight", "transpose"),  # absent when tied
     },
     layout=hf_layout,
+    unlayout=hf_unlayout,
+    model_type="ouro",
+    architecture="OuroForCausalLM",
+    config_fields={"vocab_size": "vocab_size", "hidden_size": "hidden_size", "num_layers": "num_hidden_layers",
+                   "num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads", "head_dim": "head_dim",
+                   "mlp_dim": "intermediate_size", "loop_steps": "total_ut_steps", "rope_base": "rope_theta",
+                   "norm_eps": "rms_norm_eps", "tie_embeddings": "tie_word_embeddings"},
+    config_extras=hf_config_extras,
+    # The released repository's remote code (transformers' "repo--module.Class" form); vLLM needs none.
+    auto_map={"AutoConfig": "ByteDance/Ouro-1.4B--configuration_ouro.OuroConfig",
+              "AutoModel": "ByteDance/Ouro-1.4B--modeling_ouro.OuroModel",
+              "AutoModelForCausalLM": "ByteDance/Ouro-1.4B--modeling_ouro.OuroForCausalLM"},
 )
 
 KIND = ModelKind(name="ouro", module=LoopLM, stack_key="stack", forward_flops=forward_flops, hf=HF)

@@ -41,9 +41,10 @@ from loopjax.model import model_kind
 from loopjax.train import hooks as hooks_lib
 from loopjax.train import state as state_lib
 from loopjax.train import step as step_lib
+from loopjax.train.init_from import initial_state
 from loopjax.train.preemption import Preemption
 from loopjax.train.result import RunResult
-from loopjax.train.trainer import Trainer, build_trainer, make_mesh
+from loopjax.train.trainer import Trainer, build_trainer, make_mesh, resolve_attention
 from loopjax.train.transitions import enter_phase
 from loopjax.train.writer import MetricWriter
 
@@ -107,11 +108,13 @@ def make_checkpointer(cfg, workdir: str, keep_steps=()) -> checkpoint_lib.Checkp
 
 def check_run(cfg, num_devices: int) -> phases_lib.Plan:
   """Every start-up check of a run, before anything is built: the config, each phase, each phase's data
-  (corpus manifests, mixture weights, vocabulary). Returns the plan; raises ConfigError naming the field."""
+  (corpus manifests, mixture weights, vocabulary) and its attention implementation on these devices.
+  Returns the plan; raises ConfigError naming the field."""
   plan = phases_lib.plan(cfg, num_devices)
   for seg in (s for ph in plan for s in ph.segments):
     try:
       validate_data(seg.cfg)
+      resolve_attention(seg.cfg, jax.devices()[0].platform)
     except ConfigError as e:
       raise ConfigError(f"config.phases[{seg.phase_index}] ({seg.cfg.checkpoint.phase!r}): in this phase {e}"
                         if cfg.phases else str(e)) from None
@@ -169,7 +172,7 @@ class Runner:
         continue
       if restored is None:
         log.info("no checkpoint in %s: starting from step 0", ckpt.directory)
-        return trainer.init_state(), np.zeros(2, np.int32), 0, stream
+        return initial_state(trainer), np.zeros(2, np.int32), 0, stream  # init.from_hf / from_checkpoint
       log.info("resumed from checkpoint step %d (phase %s) in %s", restored.step, restored.meta["phase"],
                ckpt.directory)
       step_array = jax.make_array_from_callback((), trainer.state_shardings.step,
@@ -225,7 +228,9 @@ class Runner:
   def default_hooks(self, ckpt, writer: MetricWriter, start: int) -> list:
     """Metrics first (the others read or adjust its window), then progress, eval, profile, checkpoints."""
     t = self.cfg.train
-    metrics = hooks_lib.MetricsHook(writer, metrics_lib.peak_flops())
+    peak, source = metrics_lib.peak_flops(self.cfg)
+    log.info("MFU peak %.4g GFLOP/s (%s)", peak / 1e9, source)
+    metrics = hooks_lib.MetricsHook(writer, peak)
     hooks = [metrics]
     if t.progress and jax.process_index() == 0:
       hooks.append(hooks_lib.ProgressHook(start, self.plan.total_steps, metrics))

@@ -89,6 +89,7 @@ class MetricsHook(Hook):
 
   def start_segment(self, trainer, start, end, compile_seconds):
     self.every, self._trainer, self._compile_seconds = trainer.cfg.train.log_every, trainer, compile_seconds
+    self._first_row = True
     self._mark, self._tokens, self._steps, self._excluded = time.perf_counter(), 0, 0, 0.0
 
   def due(self, info):
@@ -118,6 +119,8 @@ class MetricsHook(Hook):
     last["tokens_per_sec"], last["step_time"] = tokens / elapsed, elapsed / steps
     last["mfu"] = last["tokens_per_sec"] * self._trainer.flops_per_token / self.peak_flops
     last["compile_seconds"] = self._compile_seconds
+    if self._first_row:  # the segment's resolved attention core (model.attention may say "auto")
+      last["attention"], self._first_row = self._trainer.cfg.model.attention, False
     last["nonfinite_steps"] = check_tally(info.trainer.cfg, info.tally, info.step)
     self.writer.write(info.step, last)
     self.last = dict(last, step=info.step)

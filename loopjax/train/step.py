@@ -55,8 +55,9 @@ def make_train_step(cfg, optimizer: optax.GradientTransformation, schedule: opta
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    with jax.named_scope("optimizer"):
+      updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep_if_bad = lambda new, old: jnp.where(finite, new, old)
     params = jax.tree.map(keep_if_bad, params, state.params)

@@ -7,6 +7,7 @@ arrays directly in their shards when the driver needs a fresh state.
 """
 
 import dataclasses
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -16,11 +17,13 @@ from jax.sharding import Mesh
 from loopjax import checkpoint as checkpoint_lib
 from loopjax import config as config_lib
 from loopjax import sharding
-from loopjax.model import flops_per_token
+from loopjax.model import attention, flops_per_token
 from loopjax.train import gate_step as gate_lib
 from loopjax.train import state as state_lib
 from loopjax.train import step as step_lib
 from loopjax.train.optim import learning_rate_schedule, run_optimizer
+
+log = logging.getLogger("loopjax")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +45,15 @@ class Trainer:
     with jax.set_mesh(self.mesh):
       return jax.jit(init, out_shardings=self.state_shardings)(jax.random.key(self.cfg.train.seed))
 
+  def state_from_params(self, params: dict) -> state_lib.TrainState:
+    """A step-0 state around given `params` (imported weights, already in their shards; donated) with a
+    fresh optimizer state, in the state's shardings."""
+    def fresh(p):
+      state = state_lib.TrainState(jnp.zeros((), jnp.int32), p, self.optimizer.init(p))
+      return gate_lib.enter_gate_phase(state, self.gate_optimizer) if self.objective == "gate" else state
+    with jax.set_mesh(self.mesh):
+      return jax.jit(fresh, out_shardings=self.state_shardings, donate_argnums=0)(params)
+
   def abstract_batch(self) -> dict:
     """ShapeDtypeStructs of one global batch with its sharding (ahead-of-time lowering)."""
     rows = (self.cfg.train.batch_size, self.cfg.train.seq_len)
@@ -54,6 +66,25 @@ def make_mesh(cfg, devices=None) -> Mesh:
   """The (data, fsdp, tensor) mesh `cfg.mesh` asks for over `devices` (default: all), after `validate`."""
   devices = jax.devices() if devices is None else devices
   return sharding.make_mesh(config_lib.validate(cfg, len(devices)), devices=devices)
+
+
+def resolve_attention(cfg, platform: str):
+  """`cfg` with `model.attention` made concrete for `platform` (the mesh's devices, which for an ahead-of-time
+  TPU compile are not this host's); ConfigError if that implementation cannot run there. Training batches
+  always carry segment ids, so cudnn falls back to blocked (logged)."""
+  m = cfg.model
+  impl, note = attention.resolve(m.attention, platform, m.compute_dtype, documents=True)
+  problems = [p for asked in dict.fromkeys(x for x in (m.attention, impl) if x != "auto")  # asked, and what runs
+              if (p := attention.backend_problem(asked, platform, cfg.train.seq_len, m.attention_block_q,
+                                                 m.attention_block_kv))]
+  if problems:
+    raise config_lib.ConfigError(f"config.model.attention: {m.attention!r} on {platform}: {problems[0][0]}. "
+                                 f"Fix: {problems[0][1]}.")
+  if note:
+    log.warning("%s", note)
+  resolved = cfg.copy_and_resolve_references()
+  resolved.model.attention = impl
+  return resolved
 
 
 def _init_layout(cfg, optimizer, gate_optimizer, objective: str):
@@ -70,6 +101,10 @@ def build_trainer(cfg, mesh: Mesh, schedule: optax.Schedule | None = None, objec
   `schedule`: the run's LR schedule (a staged recipe's spans its phases); default: `cfg.optim`'s.
   `wrap_step(step_fn, cfg)` may wrap the pure step before it is jitted (e.g. to report more metrics).
   """
+  requested, platform = cfg.model.attention, mesh.devices.flat[0].platform
+  cfg = resolve_attention(cfg, platform)
+  log.info("attention: %s (model.attention=%s on %s, seq %d)", cfg.model.attention, requested, platform,
+           cfg.train.seq_len)
   schedule = schedule or learning_rate_schedule(cfg.optim, cfg.train.steps)
   optimizer = run_optimizer(cfg, schedule)
   gate_optimizer = gate_lib.make_gate_optimizer(cfg, schedule)

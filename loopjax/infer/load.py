@@ -1,0 +1,78 @@
+"""The model to generate with, from a training run's checkpoint or a HF directory, and what goes with it.
+
+A `Source` carries, besides the LoopLM, the facts generation needs that the weights do not hold: how
+long a sequence the model is meant for (the cache bound), its EOS ids and its tokenizer, if known.
+"""
+
+import json
+import os
+from typing import NamedTuple
+
+from loopjax.infer.inputs import GenerateError
+
+
+class Source(NamedTuple):
+  model: object  # a LoopLM
+  max_len: int  # longest prompt + new tokens the cache may hold by default
+  eos_ids: tuple[int, ...]
+  tokenizer: object | None  # loopjax.data.tokenizer.ByteTokenizer / HFTokenizer
+  step: int | None  # the checkpoint step (None for HF weights)
+  workdir: str | None  # the run's directory (where metrics.jsonl is)
+  run_config: object | None  # the run's resolved config (None for HF weights)
+
+
+def _tokenizer(spec: str):
+  from loopjax.data import tokenizer
+  return tokenizer.load(spec) if spec else None
+
+
+def from_hf(path: str, tokenizer: str = "") -> Source:
+  """Released Ouro weights; the tokenizer defaults to the directory's tokenizer.json, if any."""
+  from loopjax.hf import load_ouro
+  config_path = os.path.join(path, "config.json")
+  if not os.path.isfile(config_path):
+    raise GenerateError(f"--hf {path}: no config.json there. Fix: give a HF model directory "
+                        "(config.json + *.safetensors)")
+  with open(config_path) as f:
+    hf_config = json.load(f)
+  eos = hf_config.get("eos_token_id")
+  eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+  if not tokenizer and os.path.isfile(os.path.join(path, "tokenizer.json")):
+    tokenizer = os.path.join(path, "tokenizer.json")
+  return Source(load_ouro(path), int(hf_config.get("max_position_embeddings", 4096)), eos_ids,
+                _tokenizer(tokenizer), None, None, None)
+
+
+def checkpoints_dir(path: str) -> str:
+  """A run's workdir or its checkpoints directory -> the checkpoints directory."""
+  inner = os.path.join(path, "checkpoints")
+  return inner if os.path.isdir(inner) else path
+
+
+def run_tokenizer(cfg):
+  """The byte tokenizer when the run's corpora were prepared with it; None otherwise (tasks, HF files)."""
+  from loopjax.data import pipeline, records, tasks, tokenizer
+  names = [n for n in pipeline.source_names(cfg.data) if n not in tasks.TASK_NAMES]
+  kinds = {records.read_manifest(n)["tokenizer"]["kind"] for n in names if os.path.isdir(n)}
+  return tokenizer.ByteTokenizer() if kinds == {tokenizer.BYTE} else None
+
+
+def from_checkpoint(path: str, step: int | None = None, tokenizer: str = "") -> Source:
+  """The parameters of a run's newest (or `step`) checkpoint, with the run's saved config."""
+  import jax
+  import numpy as np
+  from flax import nnx
+
+  from loopjax import checkpoint
+  from loopjax.config import config_from_dict
+  from loopjax.train.state import model_graph
+  directory = checkpoints_dir(path)
+  step, meta = checkpoint.read_meta(directory, step)
+  cfg = config_from_dict(meta["config"])
+  if cfg.model.kind != "ouro":
+    raise GenerateError(f"--checkpoint {path}: a {cfg.model.kind!r} model has no exit gate to decode with. "
+                        "Fix: give an Ouro (model.kind='ouro') run")
+  params = checkpoint.restore_params(directory, step=step).items["params"]
+  model = nnx.merge(model_graph(cfg.model)[0], jax.tree.map(np.asarray, params))
+  return Source(model, int(cfg.train.seq_len), (), _tokenizer(tokenizer) or run_tokenizer(cfg), step,
+                os.path.dirname(os.path.abspath(directory)), cfg)

@@ -1,0 +1,151 @@
+"""The attention implementations behind `model.attention`, against a float64 reference.
+
+Tolerance: max abs error / max abs reference value <= 2e-5 for float32 inputs (forward and the
+gradients of q, k, v), 1e-12 for blocked attention in float64. The case has documents, padding
+(segment id 0), GQA (4 query heads on 2 kv heads) and blocks of different query and key sizes.
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import tiny_config
+from loopjax.config import ConfigError, validate
+from loopjax.model import attention
+from loopjax.train.driver import train
+from loopjax.train.trainer import resolve_attention
+
+B, S, N, K, H = 2, 256, 4, 2, 32
+
+
+def inputs(dtype=jnp.float32):
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.standard_normal(shape), dtype) for shape in [(B, S, N, H), (B, S, K, H), (B, S, K, H)])
+  segment_ids = np.ones((B, S), np.int32)
+  segment_ids[0, 100:190], segment_ids[0, 190:] = 2, 0  # two documents, then padding
+  segment_ids[1, 7:] = 2  # a document boundary inside the first block
+  return q, k, v, jnp.asarray(segment_ids)
+
+
+def reference(q, k, v, segment_ids):
+  q, k, v = (x.astype(jnp.float64) for x in (q, k, v))
+  return attention.float64_attention(q, k, v, attention.attention_mask(segment_ids))
+
+
+def values_and_grads(fn, q, k, v):
+  """fn's output and the gradients of a fixed projection of it, as float64 numpy."""
+  weights_H = jnp.sin(jnp.arange(H, dtype=q.dtype))
+  out, vjp = jax.vjp(fn, q, k, v)
+  grads = vjp(jnp.broadcast_to(weights_H, out.shape).astype(out.dtype))
+  return [np.asarray(x, np.float64) for x in (out, *grads)]
+
+
+def assert_close(got, want, rtol):
+  for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+    assert np.abs(a - b).max() <= rtol * np.abs(b).max(), (name, np.abs(a - b).max() / np.abs(b).max())
+
+
+with jax.enable_x64():
+  q64, k64, v64, seg = inputs(jnp.float64)
+  WANT = values_and_grads(lambda q, k, v: reference(q, k, v, seg), q64, k64, v64)
+
+IMPLEMENTATIONS = {
+    "xla": lambda q, k, v, seg: attention.xla(q, k, v, seg),
+    "blocked-32x64": lambda q, k, v, seg: attention.core(q, k, v, attention.Mask(seg, "blocked", 32, 64), "float32"),
+    "blocked-64x32": lambda q, k, v, seg: attention.core(q, k, v, attention.Mask(seg, "blocked", 64, 32), "float32"),
+    "blocked-default": lambda q, k, v, seg: attention.core(q, k, v, attention.Mask(seg, "blocked"), "float32"),
+    "splash-interpret": lambda q, k, v, seg: attention.splash(q, k, v, seg, 128, 128, interpret=True),
+}
+
+
+@pytest.mark.parametrize("name", IMPLEMENTATIONS)
+def test_float32_implementations_match_the_float64_reference(name):
+  q, k, v, seg = inputs()
+  got = values_and_grads(lambda q, k, v: IMPLEMENTATIONS[name](q, k, v, seg), q, k, v)
+  assert_close(got, WANT, 2e-5)
+
+
+def test_blocked_is_exact_in_float64_and_without_documents():
+  with jax.enable_x64():
+    q, k, v, seg = inputs(jnp.float64)
+    blocked = lambda seg: lambda q, k, v: attention.core(q, k, v, attention.Mask(seg, "blocked", 64, 32), "float64")
+    assert_close(values_and_grads(blocked(seg), q, k, v), WANT, 1e-12)
+    causal = values_and_grads(lambda q, k, v: reference(q, k, v, jnp.ones((B, S), jnp.int32)), q, k, v)
+    assert_close(values_and_grads(blocked(None), q, k, v), causal, 1e-12)
+
+
+def _avals(jaxpr):
+  """Every intermediate shape of a jaxpr and its sub-jaxprs (scan/while/custom_vjp bodies)."""
+  for eqn in jaxpr.eqns:
+    yield from (v.aval.shape for v in eqn.outvars if hasattr(v.aval, "shape"))
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (list, tuple)) else [param]:
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          yield from _avals(inner)
+
+
+def test_blocked_builds_no_sequence_by_sequence_array():
+  """Forward and backward: no [.., S, S] array anywhere (the largest score block is [.., 32, 64])."""
+  q, k, v, seg = inputs()
+  loss = lambda q, k, v: attention.core(q, k, v, attention.Mask(seg, "blocked", 32, 64), "float32").sum()
+  shapes = list(_avals(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v).jaxpr))
+  assert shapes and not [s for s in shapes if list(s).count(S) >= 2 or (len(s) >= 2 and s[-2:] == (S, S))]
+  xla_shapes = _avals(jax.make_jaxpr(jax.grad(lambda q, k, v: attention.xla(q, k, v, seg).sum()))(q, k, v).jaxpr)
+  assert any(s[-2:] == (S, S) for s in xla_shapes)  # the check does see the dense path's scores
+
+
+@pytest.mark.parametrize("impl, platform, dtype, documents, want, says_why", [
+    ("auto", "cpu", "float32", True, "blocked", False),
+    ("auto", "tpu", "bfloat16", True, "splash", False),
+    ("auto", "cuda", "bfloat16", False, "cudnn", False),
+    ("auto", "cuda", "bfloat16", True, "blocked", True),  # cudnn cannot express documents: explicit fall-back
+    ("cudnn", "gpu", "float32", False, "blocked", True),  # nor float32
+    ("xla", "tpu", "bfloat16", True, "xla", False),
+])
+def test_resolution_per_backend(impl, platform, dtype, documents, want, says_why):
+  chosen, note = attention.resolve(impl, platform, dtype, documents)
+  assert (chosen, bool(note)) == (want, says_why)
+
+
+@pytest.mark.parametrize("overrides, field", [
+    ({"model.attention": "flash"}, "model.attention"),
+    ({"model.attention_block_q": 48}, "model.attention_block_q"),  # 48 does not tile 128
+    ({"model.attention_block_kv": -1}, "model.attention_block_kv"),
+    ({"model.attention": "cudnn"}, "model.attention"),  # cudnn with float32 compute
+])
+def test_bad_attention_config_names_the_field(overrides, field):
+  cfg = tiny_config()
+  cfg.train.seq_len = 128
+  for key, value in overrides.items():
+    section, name = key.split(".")
+    cfg[section][name] = value
+  with pytest.raises(ConfigError, match=rf"config\.{field}: .*Fix: "):
+    validate(cfg, 1)
+
+
+@pytest.mark.parametrize("impl, platform, seq_len, message", [
+    ("splash", "cpu", 128, "'splash' does not run on cpu devices"),
+    ("cudnn", "tpu", 128, "'cudnn' does not run on tpu devices"),
+    ("auto", "tpu", 96, "multiples of 128"),  # auto = splash on TPU, which tiles by 128
+])
+def test_backend_checks_at_start_up(impl, platform, seq_len, message):
+  cfg = tiny_config(attention=impl, compute_dtype="bfloat16")
+  cfg.train.seq_len = seq_len
+  with pytest.raises(ConfigError, match=r"config\.model\.attention: .*Fix: ") as e:
+    resolve_attention(cfg, platform)
+  assert message in str(e.value)
+
+
+def test_training_logs_and_records_the_resolved_implementation(tmp_path, caplog):
+  cfg = tiny_config()
+  cfg.train.steps, cfg.train.log_every, cfg.train.batch_size = 2, 1, 8
+  with caplog.at_level("INFO", logger="loopjax"):
+    result = train(cfg, str(tmp_path))
+  assert "attention: blocked (model.attention=auto on cpu, seq 16)" in caplog.text
+  with open(result.metrics_path) as f:
+    rows = [json.loads(line) for line in f]
+  assert rows[0]["attention"] == "blocked" and "attention" not in rows[1]

@@ -1,0 +1,46 @@
+"""Every remat policy does what its name says: counted in the compiled gradient of one layer.
+
+An Ouro layer has 9 matmuls forward (q, k, v, o projections; q k^T and p v in attention; gate, up and
+down of the MLP) and 18 backward. "none" recomputes nothing; "save_matmuls" recomputes only the two
+attention matmuls (they have batch dimensions, so the policy does not save their [B, N, S, S]
+outputs); "save_attention_out" keeps the o-projection's output and recomputes the other 8; "full"
+recomputes all 9. The dot count of the optimized HLO must come out exactly so, none < save_matmuls <
+save_attention_out < full. (With one layer XLA removes the scan's loop and merges the recomputation
+with the forward pass, so the count is taken with two.)
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import random_params, tiny_config
+from loopjax.model import attention, layers
+from loopjax.model.stack import scan_layers
+
+FORWARD_DOTS, BACKWARD_DOTS = 9, 18
+RECOMPUTED = {"none": 0, "save_matmuls": 2, "save_attention_out": 8, "full": 9}
+
+
+def compiled_dot_count(policy: str) -> int:
+  cfg = tiny_config(num_layers=2)  # two layers: the scan stays a loop, so XLA cannot merge fwd and recompute
+  m = cfg.model
+  stack = jax.tree.map(jnp.asarray, random_params(m)["stack"])
+  B, S = 2, 16
+  x_BSD = jnp.asarray(np.random.default_rng(0).standard_normal((B, S, m.hidden_size)), jnp.float32)
+  cos_BSH, sin_BSH = layers.rope_tables(jnp.broadcast_to(jnp.arange(S), (B, S)), m.head_dim, m.rope_base)
+
+  def loss(stack, x_BSD):
+    mask = attention.Mask(None, "xla")  # the dense core: its two attention matmuls are what the counts name
+    layer = lambda p, x: layers.sandwich_layer(p, x, cos_BSH, sin_BSH, mask, eps=m.norm_eps, dtype=jnp.float32)
+    return jnp.sum(scan_layers(layer, stack, x_BSD, policy) ** 2)
+
+  hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(stack, x_BSD).compile().as_text()
+  return len(re.findall(r"= \S+ dot\(", hlo))
+
+
+@pytest.mark.parametrize("policy", sorted(RECOMPUTED))
+def test_remat_policy_recomputes_what_its_name_says(policy):
+  assert compiled_dot_count(policy) == FORWARD_DOTS + BACKWARD_DOTS + RECOMPUTED[policy]
