@@ -98,6 +98,7 @@ def peer_table(args):
   variants = [("T=1, remat full", common.with_model(cfg, loop_steps=1)),
               ("T=4, remat full, head recomputed", common.with_model(cfg, loop_steps=4, loss_remat="recompute")),
               ("T=4, remat full, head saves d logits", common.with_model(cfg, loop_steps=4, loss_remat="save")),
+              ("T=4, remat full, xla attention", common.with_model(cfg, loop_steps=4, attention="xla")),
               ("T=4, remat save_matmuls", common.with_model(cfg, loop_steps=4, remat="save_matmuls")),
               ("T=4, remat none", common.with_model(cfg, loop_steps=4, remat="none"))]
   cells = run_interleaved(bench, variants, args)
