@@ -39,7 +39,7 @@ WRITE_INPUT = textwrap.dedent("""
     # Random bfloat16 bit patterns: random sign and mantissa, exponent 2**-7 (finite, |x| in [0.0078, 0.0156)).
     draw = lambda a: ((rng.integers(0, 2**16, a.shape, dtype=np.uint16) & 0x807F) | 0x3C00).view(ml_dtypes.bfloat16)
     params = jax.tree.map(draw, nnx.to_pure_dict(model_graph(cfg.model)[1]))
-    mesh = sharding.make_mesh((1, jax.device_count(), 1))  # FSDP over the devices, as configs/ouro_1p4b.py
+    mesh = sharding.make_mesh((1, jax.device_count(), 1, 1))  # FSDP over the devices, as configs/ouro_1p4b.py
     specs = param_specs(cfg.model)
     params = jax.device_put(params, jax.tree.map(lambda p: NamedSharding(mesh, p), specs,
                                                  is_leaf=lambda x: isinstance(x, P)))

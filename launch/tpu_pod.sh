@@ -11,8 +11,9 @@
 # its .venv is activated if there is one), export the --env variables, and exec the command with output to ~/loopjax-logs/<run>.<worker host>.log
 # (and to this terminal; gcloud interleaves the workers, each loopjax log line names its process).
 # The run's pid goes to ~/loopjax-logs/<run>.pid so `stop` signals exactly that process.
-# WORKDIR must be storage every worker sees (a gs:// bucket mounted with gcsfuse, or Filestore):
-# checkpoints are written by all workers together and metrics by worker 0.
+# WORKDIR must be storage every worker sees: a gs://BUCKET/RUN URL (written natively; needs the
+# `gcs` extra and the VMs' service account allowed to write the bucket), or Filestore / a gcsfuse
+# mount. Checkpoints are written by all workers together and metrics by worker 0.
 set -euo pipefail
 
 usage() { sed -n '5,7p' "$0" | sed 's/^# *//' >&2; exit 2; }

@@ -22,18 +22,17 @@ import dataclasses
 import datetime
 import json
 import logging
-import os
-import shutil
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 from orbax.checkpoint._src.metadata.checkpoint_info import CheckpointInfo
+
+from loopjax import storage
 
 log = logging.getLogger("loopjax")
 
@@ -174,7 +173,7 @@ class Checkpointer:
   def __init__(self, directory: str, *, every_steps: int = 0, every_minutes: float = 0.0, keep: int = 3,
                keep_period: int = 0, async_save: bool = True, read_only: bool = False,
                keep_steps: tuple[int, ...] = ()):
-    self.directory, self.read_only = epath.Path(os.path.abspath(directory)), read_only
+    self.directory, self.read_only = storage.run_path(directory), read_only
     self.quarantine = self.directory.parent / f"{self.directory.name}-corrupt"
     save_policies = []
     if every_steps:
@@ -317,16 +316,21 @@ class Checkpointer:
     if jax.process_index() == 0:
       self.quarantine.mkdir(parents=True, exist_ok=True)
       target = self.quarantine / f"{step}-{int(time.time())}"
-      shutil.move(os.fspath(self.directory / str(step)), os.fspath(target))
+      storage.move(self.directory / str(step), target)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"loopjax_set_aside_{step}")
     self._manager.reload()
 
 
+def reader(directory: str) -> ocp.CheckpointManager:
+  """A read-only manager of the checkpoints in `directory` (local or gs://)."""
+  return ocp.CheckpointManager(storage.run_path(directory), options=ocp.CheckpointManagerOptions(read_only=True),
+                               item_handlers=_handlers())
+
+
 def read_meta(directory: str, step: int | None = None) -> tuple[int, dict]:
   """(step, metadata: phase, resolved config, ...) of the newest (or `step`) checkpoint; reads no arrays."""
-  manager = ocp.CheckpointManager(epath.Path(os.path.abspath(directory)),
-                                  options=ocp.CheckpointManagerOptions(read_only=True), item_handlers=_handlers())
+  manager = reader(directory)
   step = manager.latest_step() if step is None else step
   if step is None:
     raise CheckpointError(f"no complete checkpoint in {directory}. Fix: train first, or check the path")
@@ -341,8 +345,7 @@ def restore_params(directory: str, abstract_params=None, step: int | None = None
   With `abstract_params` (ShapeDtypeStructs with shardings) arrays land on that mesh; without, they
   come back as host numpy arrays.
   """
-  manager = ocp.CheckpointManager(epath.Path(os.path.abspath(directory)),
-                                  options=ocp.CheckpointManagerOptions(read_only=True), item_handlers=_handlers())
+  manager = reader(directory)
   step = manager.latest_step() if step is None else step
   if step is None:
     raise CheckpointError(f"no complete checkpoint in {directory}. Fix: train first, or check the path")
@@ -358,42 +361,3 @@ def restore_params(directory: str, abstract_params=None, step: int | None = None
                           "an earlier step (`loopjax checkpoints` lists them)")
   manager.close()
   return Restored(step, {"params": params}, meta)
-
-
-def _size(path: epath.Path) -> int:
-  return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
-
-
-def list_checkpoints(directory: str) -> list[dict]:
-  """Every checkpoint directory under `directory` (finished or not): step, phase, bytes, complete, note.
-
-  "complete" means Orbax finalised it and its metadata and items are all present; it does not read
-  the arrays (restore does, and checks their checksums).
-  """
-  directory = epath.Path(os.path.abspath(directory))
-  if not directory.exists():
-    return []
-  rows = []
-  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
-                                  item_handlers=_handlers())
-  finished = set(manager.all_steps())
-  for path in directory.iterdir():
-    try:
-      step = ocp.path.step.step_from_checkpoint_name(path.name)
-    except ValueError:
-      continue  # not a checkpoint
-    row = {"step": step, "phase": "?", "bytes": _size(path), "complete": False, "path": os.fspath(path)}
-    if step not in finished:
-      row["note"] = "unfinished save (the process died while writing)"
-    else:
-      missing = [item for item in ("params", "opt_state", "meta") if not (path / item).is_dir()]
-      try:
-        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        row["phase"] = meta["phase"]
-        row["complete"] = not missing
-        row["note"] = f"missing {missing}" if missing else ""
-      except Exception as e:  # noqa: BLE001 - any unreadable metadata means "not usable"
-        row["note"] = f"unreadable metadata: {type(e).__name__}"
-    rows.append(row)
-  manager.close()
-  return sorted(rows, key=lambda r: r["step"])

@@ -6,7 +6,7 @@ runs before any array is allocated or anything compiles: a config that cannot wo
 `ConfigError` naming the field and what to change.
 
 Stable keys other code and scripts rely on: train.steps, train.seed, train.log_every,
-model.loop_steps, model.num_layers, mesh.data, mesh.fsdp, mesh.tensor.
+model.loop_steps, model.num_layers, mesh.data, mesh.fsdp, mesh.context, mesh.tensor.
 """
 
 import importlib.util
@@ -157,6 +157,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.mesh = ms = ml_collections.ConfigDict()
   ms.data = -1  # -1 takes whatever devices the other axes leave
   ms.fsdp = 1
+  ms.context = 1  # context parallelism: splits activations along the sequence (within one process)
   ms.tensor = 1
 
   c.lock()
@@ -212,13 +213,13 @@ def _check_choice(cfg, field: str, choices):
     _fail(field, f"{value!r} is not one of {choices}", f"set --config.{field} to one of {choices}")
 
 
-def resolve_mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
-  """(data, fsdp, tensor) with a single -1 filled so the product equals num_devices."""
-  names = ("data", "fsdp", "tensor")
+def resolve_mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int, int]:
+  """(data, fsdp, context, tensor) with a single -1 filled so the product equals num_devices."""
+  names = ("data", "fsdp", "context", "tensor")
   sizes = [int(mesh_cfg[n]) for n in names]
   if sum(s == -1 for s in sizes) > 1:
     _fail("mesh", f"more than one axis is -1 ({dict(zip(names, sizes))})",
-          "leave at most one of mesh.data/fsdp/tensor at -1")
+          "leave at most one of mesh.data/fsdp/context/tensor at -1")
   for n, s in zip(names, sizes):
     if s == 0 or s < -1:
       _fail(f"mesh.{n}", f"size {s} is invalid", "use a positive size or -1")
@@ -229,7 +230,7 @@ def resolve_mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
             f"choose mesh sizes whose product divides {num_devices}")
     sizes[sizes.index(-1)] = num_devices // known
   if math.prod(sizes) != num_devices:
-    _fail("mesh", f"data*fsdp*tensor = {math.prod(sizes)} but there are {num_devices} devices",
+    _fail("mesh", f"data*fsdp*context*tensor = {math.prod(sizes)} but there are {num_devices} devices",
           f"make the product {num_devices}, or set one axis to -1")
   return tuple(sizes)
 
@@ -312,7 +313,10 @@ def validate(cfg, num_devices: int) -> tuple[int, int, int]:
   o = cfg.optim
   if o.warmup_steps < 0 or o.decay_steps < 0:
     _fail("optim.warmup_steps", "warmup_steps and decay_steps must be >= 0", "use non-negative step counts")
-  data, fsdp, tensor = resolve_mesh_shape(cfg.mesh, num_devices)
+  data, fsdp, context, tensor = resolve_mesh_shape(cfg.mesh, num_devices)
+  if t.seq_len % context:
+    _fail("mesh.context", f"{context} does not divide train.seq_len={t.seq_len}",
+          f"choose mesh.context dividing {t.seq_len} (each device holds seq_len / context positions)")
   if t.batch_size % (data * fsdp):
     _fail("train.batch_size", f"{t.batch_size} is not divisible by the data-parallel size "
           f"mesh.data*mesh.fsdp = {data * fsdp}", f"use a multiple of {data * fsdp}")
@@ -343,4 +347,4 @@ def validate(cfg, num_devices: int) -> tuple[int, int, int]:
   if cfg.init.from_hf and model_kind(m.kind).hf is None:
     _fail("init.from_hf", f"model kind {m.kind!r} has no Hugging Face format",
           "set model.kind='ouro' or drop init.from_hf")
-  return data, fsdp, tensor
+  return data, fsdp, context, tensor

@@ -105,6 +105,12 @@ class Evaluator:
   def __init__(self, cfg, mesh, batches: list[dict] | None = None):
     self.cfg, self.mesh = cfg, mesh
     self.batches = eval_batches(cfg) if batches is None else batches
+    if not self.batches:
+      source = cfg.eval.source or cfg.data.source
+      raise config_lib.ConfigError(
+          f"config.eval.source: {source!r} yields no held-out batch of {cfg.eval.batch_size or cfg.train.batch_size} "
+          f"rows (too few documents for its {cfg.data.num_shards or 'default'} data shards). Fix: hold out more "
+          "documents, or lower data.num_shards or eval.batch_size")
     self.score = is_task(cfg)
     with jax.set_mesh(mesh):
       self.global_batches = [to_global(b, mesh) for b in self.batches]
@@ -156,7 +162,7 @@ def evaluate_checkpoint(checkpoint_dir: str, *, step: int | None = None, source:
     cfg.eval.source = source
   if loop_steps:
     cfg.eval.loop_steps = loop_steps
-  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = -1, 1, 1
+  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.context, cfg.mesh.tensor = -1, 1, 1, 1
   mesh = make_mesh(cfg)
   validate_data(cfg)
   _, abstract = state_lib.model_graph(cfg.model)

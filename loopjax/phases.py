@@ -223,7 +223,7 @@ def _base_values(cfg) -> dict:
 def _plan_phases(cfg, specs, num_devices: int) -> Plan:
   names = [p.name for p in specs]
   values = _base_values(cfg)
-  data, fsdp, _ = config_lib.resolve_mesh_shape(cfg.mesh, num_devices)
+  data, fsdp, _, _ = config_lib.resolve_mesh_shape(cfg.mesh, num_devices)
   layers, step, lr, phases = cfg.model.num_layers, 0, cfg.optim.lr, Plan()
   for i, p in enumerate(specs):
     if not p.name or "/" in p.name or names.count(p.name) > 1:

@@ -132,7 +132,7 @@ class Report:
   topology: Topology
   devices: int
   hosts: int
-  mesh_shape: tuple[int, int, int]
+  mesh: dict  # mesh axis name -> size
   attention: str  # the resolved model.attention the step was compiled with
   params: int
   global_batch: int
@@ -170,7 +170,7 @@ def run(cfg, topology: Topology) -> Report:
   devices = topology_devices(topology)
   mesh = make_mesh(cfg, devices)
   trainer = build_trainer(cfg, mesh)
-  report = Report(topology, len(devices), len({d.process_index for d in devices}), tuple(mesh.devices.shape),
+  report = Report(topology, len(devices), len({d.process_index for d in devices}), dict(mesh.shape),
                   trainer.cfg.model.attention, state_lib.count_params(cfg.model), cfg.train.batch_size, cfg.train.seq_len,
                   cfg.model.loop_steps, cfg.model.num_layers, 0.0)
   inputs = trainer.abstract_state, trainer.abstract_batch()
@@ -196,28 +196,32 @@ def run(cfg, topology: Topology) -> Report:
 
 def rows_per_chip(report: Report) -> float:
   """Sequences per data-parallel shard (data x fsdp chips share the batch; tensor chips share a row)."""
-  return report.global_batch / (report.mesh_shape[0] * report.mesh_shape[1])
+  return report.global_batch / (report.mesh["data"] * report.mesh["fsdp"])
 
 
 def advice(report: Report, cfg) -> str:
   """The lever the memory breakdown points at, first match: dense attention scores, partial remat, the
   state (arguments), several sequences per chip, else one sequence's activations (context parallelism)."""
   m, hbm = cfg.model, report.topology.chip.hbm_bytes
-  heads = m.num_heads / report.mesh_shape[2]
+  heads = m.num_heads / report.mesh["tensor"]
   scores = max(rows_per_chip(report), 1) * heads * report.seq_len**2 * 4  # one layer's f32 [B, N, S, S]
   if report.attention == "xla" and scores > hbm / 8:
     return (f"attention: the xla core holds [B, N, S, S] scores ({_size(scores).strip()} per chip per layer at "
             f"seq {report.seq_len}); set model.attention=auto (splash on TPU) or blocked, O(S) memory")
   if m.remat != "full":
     return f"remat: model.remat={m.remat} saves more than each layer's input; set model.remat=full"
-  state = report.argument_bytes or 12 * report.params / (report.mesh_shape[1] * report.mesh_shape[2])  # f32 + Adam
+  state = report.argument_bytes or 12 * report.params / (report.mesh["fsdp"] * report.mesh["tensor"])  # f32 + Adam
   if state > hbm / 2:
     return "state: shard params and optimizer state over more chips (mesh.fsdp, or a larger topology)"
   if rows_per_chip(report) > 1:
     return (f"activations: {rows_per_chip(report):g} sequences per chip; fewer (train.batch_size, or more "
             "data-parallel chips)")
-  return ("activations of one sequence exceed a chip: context parallelism (shard the sequence over chips; not "
-          "built yet, issue 10), a chip with more HBM, or fewer loop steps per sequence")
+  return ("activations of one sequence exceed a chip: context parallelism (mesh.context > 1 splits the sequence "
+          "over that many chips of a host), a chip with more HBM, or fewer loop steps per sequence")
+
+
+def mesh_text(mesh: dict) -> str:
+  return " ".join(f"{axis}={size}" for axis, size in mesh.items())
 
 
 def _size(n: int) -> str:
@@ -237,7 +241,7 @@ def format_report(report: Report, cfg, config_name: str = "") -> str:
       f"  model            {cfg.model.kind}, {r.params:,} params, L={r.num_layers} x T={r.loop_steps}, "
       f"seq {r.seq_len}, global batch {r.global_batch} ({r.global_batch / r.devices:g} per chip), "
       f"{cfg.model.compute_dtype} compute, remat {cfg.model.remat}",
-      f"  mesh             data={r.mesh_shape[0]} fsdp={r.mesh_shape[1]} tensor={r.mesh_shape[2]}",
+      f"  mesh             {mesh_text(r.mesh)}",
       f"  attention        {r.attention} (model.attention={cfg.model.attention}; splash kernel in the program: "
       f"{'yes' if r.splash_in_program else 'no'})",
       f"  compile          {r.compile_seconds:.1f} s (XLA:TPU ahead of time, on this host)",
@@ -282,11 +286,10 @@ def phase_configs(cfg, chips: int, phase: str | None = None) -> list[tuple[str, 
 
 def format_phase_line(name: str, report: Report, cfg) -> str:
   """One recipe phase: seq, sequences per chip, mesh, attention, memory per chip, fits (and the lever)."""
-  d, f, t = report.mesh_shape
   memory = (f"{_size(report.total_bytes).strip():>10} of {report.topology.chip.hbm_bytes / GIB:.0f} GiB"
             if report.total_bytes is not None else "XLA refused (out of memory)")
-  line = (f"  phase {name:<6} seq {report.seq_len:>6}  {rows_per_chip(report):g} seq/chip  mesh data={d} fsdp={f} "
-          f"tensor={t}  attention {report.attention:<7}  {memory}  fits {'yes' if report.fits else 'NO'}  "
+  line = (f"  phase {name:<6} seq {report.seq_len:>6}  {rows_per_chip(report):g} seq/chip  mesh {mesh_text(report.mesh)}"
+          f"  attention {report.attention:<7}  {memory}  fits {'yes' if report.fits else 'NO'}  "
           f"(compile {report.compile_seconds:.0f} s)")
   return line if report.fits else f"{line}\n      Fix: {advice(report, cfg)}"
 

@@ -4,10 +4,17 @@ Parameters carry `logical_axes` metadata (e.g. ("layers", "embed", "heads", "hea
 activations are constrained with `constrain(x, ("batch", "seq", "embed"))`. Nothing else in loopjax
 names a mesh axis: to change how the model is laid out on devices, change `LOGICAL_RULES`.
 
-The mesh has three axes:
-  data   - pure data parallelism (parameters replicated);
-  fsdp   - data parallelism with parameters and optimizer state sharded (ZeRO-3 style);
-  tensor - Megatron-style tensor parallelism over heads / MLP / vocab.
+The mesh has four axes:
+  data    - pure data parallelism (parameters replicated);
+  fsdp    - data parallelism with parameters and optimizer state sharded (ZeRO-3 style);
+  context - context (sequence) parallelism: activations are split along the sequence, and each
+            attention layer all-gathers its keys and values over this axis ("kv_seq" is replicated),
+            so a sequence too long for one chip's activations spreads over several. Batches enter
+            split only by rows ("input_seq" is replicated); the first constraint on the embedded
+            tokens splits them, which needs no communication;
+  tensor  - Megatron-style tensor parallelism over heads / MLP / vocab.
+Causal and document masks, and RoPE positions, come from whole-sequence arrays that XLA partitions
+with the activations, so they stay exact on any context size.
 """
 
 from collections.abc import Sequence
@@ -17,12 +24,14 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "context", "tensor")
 
 # logical axis -> mesh axis (or tuple of axes, or None = replicated)
 LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "batch": ("data", "fsdp"),
-    "seq": None,
+    "seq": "context",  # activations' sequence axis
+    "input_seq": None,  # the batch as it is fed (each process feeds whole rows)
+    "kv_seq": None,  # keys and values inside attention: gathered over the context axis
     "act_embed": None,  # the hidden dimension of activations
     "act_heads": "tensor",
     "act_mlp": "tensor",
@@ -40,11 +49,13 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
 
 
 def make_mesh(shape: Sequence[int], devices=None) -> Mesh:
-  """A (data, fsdp, tensor) mesh over `devices` (default: all), with automatic sharding axes."""
+  """A (data, fsdp, context, tensor) mesh over `devices` (default: all), with automatic sharding axes."""
   devices = jax.devices() if devices is None else devices
+  if len(shape) != len(MESH_AXES):
+    raise ValueError(f"mesh shape {tuple(shape)} needs one size per axis {MESH_AXES}")
   if int(np.prod(shape)) != len(devices):
     raise ValueError(f"mesh shape {tuple(shape)} needs {int(np.prod(shape))} devices, have {len(devices)}")
-  return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+  return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
 def logical_to_spec(logical_axes: Sequence[str | None] | None) -> P:
@@ -71,5 +82,5 @@ def param_specs(state: nnx.State) -> nnx.State:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Sharding of a [batch, seq] input array."""
-  return NamedSharding(mesh, logical_to_spec(("batch", "seq")))
+  """Sharding of a [batch, seq] input array: rows split over the data axes, each row whole."""
+  return NamedSharding(mesh, logical_to_spec(("batch", "input_seq")))

@@ -130,7 +130,7 @@ def test_bad_attention_config_names_the_field(overrides, field):
 @pytest.mark.parametrize("impl, platform, seq_len, message", [
     ("splash", "cpu", 128, "'splash' does not run on cpu devices"),
     ("cudnn", "tpu", 128, "'cudnn' does not run on tpu devices"),
-    ("auto", "tpu", 96, "multiples of 128"),  # auto = splash on TPU, which tiles by 128
+    ("splash", "tpu", 96, "multiples of 128"),  # splash tiles by 128
 ])
 def test_backend_checks_at_start_up(impl, platform, seq_len, message):
   cfg = tiny_config(attention=impl, compute_dtype="bfloat16")
@@ -138,6 +138,17 @@ def test_backend_checks_at_start_up(impl, platform, seq_len, message):
   with pytest.raises(ConfigError, match=r"config\.model\.attention: .*Fix: ") as e:
     resolve_attention(cfg, platform)
   assert message in str(e.value)
+
+
+def test_auto_falls_back_to_blocked_where_splash_cannot_tile(caplog):
+  """An explicit splash at seq 96 is an error (above); auto takes blocked instead, and says why."""
+  cfg = tiny_config(compute_dtype="bfloat16")
+  cfg.train.seq_len = 96
+  with caplog.at_level("WARNING", logger="loopjax"):
+    assert resolve_attention(cfg, "tpu").model.attention == "blocked"
+  assert "auto would take splash, but splash needs" in caplog.text
+  cfg.train.seq_len = 256
+  assert resolve_attention(cfg, "tpu").model.attention == "splash"
 
 
 def test_training_logs_and_records_the_resolved_implementation(tmp_path, caplog):

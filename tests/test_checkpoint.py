@@ -54,7 +54,7 @@ def saved(tmp_path_factory):
   return cfg, directory, jax.device_get(restored.items)
 
 
-@pytest.mark.parametrize("mesh_shape", [(1, 1, 1), (4, 1, 2), (1, 8, 1)])
+@pytest.mark.parametrize("mesh_shape", [(1, 1, 1, 1), (4, 1, 1, 2), (1, 8, 1, 1)])
 def test_restore_onto_another_mesh_is_identical(saved, mesh_shape):
   cfg, directory, host = saved
   shardings = _shardings_on(cfg, mesh_shape)
@@ -73,7 +73,7 @@ def test_checkpoint_of_another_config_is_an_error_not_damage(saved):
   cfg, directory, host = saved
   other = _cfg()
   other.model.mlp_dim = 64
-  shardings = _shardings_on(other, (2, 2, 2))
+  shardings = _shardings_on(other, (2, 2, 1, 2))
   abstract = jax.eval_shape(state_lib.init_fn(other.model, run_optimizer(other)), jax.random.key(0))
   target = {"params": ck.abstract_like(abstract.params, shardings.params),
             "opt_state": ck.abstract_like(abstract.opt_state, shardings.opt_state)}
@@ -88,7 +88,7 @@ def test_params_only_restore_as_numpy_and_sharded(saved):
   as_numpy = ck.restore_params(directory)
   assert as_numpy.step == 6
   jax.tree.map(np.testing.assert_array_equal, as_numpy.items["params"], host["params"])
-  shardings = _shardings_on(cfg, (1, 1, 1))
+  shardings = _shardings_on(cfg, (1, 1, 1, 1))
   sharded = ck.restore_params(directory, ck.abstract_like(host["params"], shardings.params), step=4)
   assert sharded.step == 4
   assert not all(np.array_equal(a, b) for a, b in
@@ -188,7 +188,7 @@ def small_disk(tmp_path):
 
 def test_full_disk_is_a_clear_error_and_keeps_earlier_checkpoints(saved, small_disk):
   cfg, _, host = saved
-  shardings = _shardings_on(cfg, (2, 2, 2))
+  shardings = _shardings_on(cfg, (2, 2, 1, 2))
   state = jax.device_put(host, {"params": shardings.params, "opt_state": shardings.opt_state})
   directory = os.path.join(small_disk, "checkpoints")
   writer = ck.Checkpointer(directory, keep=10)

@@ -32,7 +32,7 @@ def assert_same_losses(workdir, reference):
 
 
 def test_kill9_at_random_step_then_resume_is_bitwise(tmp_path, reference):
-  kill_after = random.randint(5, ts.STEPS - 1)  # at least one checkpoint (step 4) exists by then
+  kill_after = random.randint(5, ts.STEPS - 1)  # after step 4's save began
   workdir = str(tmp_path / "run")
   proc = ts.start(workdir)
   ts.wait_until(lambda: len(ts.logged(workdir)) >= kill_after, proc)
@@ -42,11 +42,13 @@ def test_kill9_at_random_step_then_resume_is_bitwise(tmp_path, reference):
   assert died_at < ts.STEPS, f"the run finished before the kill (kill_after={kill_after})"
   # Orbax renames a save to its step number only when it is complete; a save still in flight at the
   # kill (step 8's, when killed at step 9 on a slow machine) stays a tmp directory and must be skipped.
+  # The host logs a step one step late and never waits for a save, so on a busy machine even step 4's
+  # save may still be in flight at the kill: then the restart begins again from step 0.
   finished = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
-  assert finished, "no checkpoint finished before the kill"
   code, out = ts.run(workdir)
   assert code == 0, out
-  assert f"resumed from checkpoint step {max(finished)}" in out, (kill_after, died_at, finished, out[-3000:])
+  expected = f"resumed from checkpoint step {max(finished)}" if finished else "starting from step 0"
+  assert expected in out, (kill_after, died_at, finished, out[-3000:])
   assert_same_losses(workdir, reference)
 
 

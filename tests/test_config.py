@@ -45,6 +45,7 @@ BAD = [
     ([("mesh", "data", -1), ("mesh", "fsdp", -1)], 8, "config.mesh", "at most one"),
     ([("mesh", "data", 1), ("mesh", "tensor", -1)], 8, "config.model.num_heads", "mesh.tensor"),
     ([("model", "remat", "sometimes")], 1, "config.model.remat", "one of"),
+    ([("mesh", "data", 1), ("mesh", "context", 8), ("train", "seq_len", 12)], 8, "config.mesh.context", "dividing 12"),
     ([("model", "loss_chunk", 5)], 1, "config.model.loss_chunk", "divisor"),
     ([("objective", "beta", -1.0)], 1, "config.objective.beta", "non-negative"),
     ([("model", "vocab_size", 16)], 1, "config.model.vocab_size", "vocab"),

@@ -27,7 +27,7 @@ def evaluate(cfg, params, mesh, batches):
 
 def test_reports_every_loop_count(setup):
   cfg, graphdef, params, batches = setup
-  results = evaluate(cfg, params, sharding.make_mesh((2, 2, 2)), batches)
+  results = evaluate(cfg, params, sharding.make_mesh((2, 2, 1, 2)), batches)
   for T in (1, 3, 5):
     assert len(results[f"eval_T{T}/ce_per_step"]) == T
     assert len(results[f"eval_T{T}/exact_match_per_step"]) == T
@@ -39,7 +39,7 @@ def test_reports_every_loop_count(setup):
 def test_matches_an_unsharded_recomputation(setup):
   """Per-step CE and exact match recomputed from the full logits on one device, batch by batch."""
   cfg, graphdef, params, batches = setup
-  results = evaluate(cfg, params, sharding.make_mesh((8, 1, 1)), batches)
+  results = evaluate(cfg, params, sharding.make_mesh((8, 1, 1, 1)), batches)
   from flax import nnx
   model = nnx.merge(graphdef, params)
   ce_sum, tokens, correct, questions = np.zeros(3), 0.0, np.zeros(3), 0
@@ -56,3 +56,10 @@ def test_matches_an_unsharded_recomputation(setup):
   np.testing.assert_allclose(results["eval_T3/ce_per_step"], ce_sum / tokens, rtol=1e-5)
   np.testing.assert_allclose(results["eval_T3/exact_match_per_step"], correct / questions)
   assert questions > 0
+
+
+def test_no_held_out_batch_is_a_config_error(setup):
+  from loopjax.config import ConfigError
+  cfg = setup[0]
+  with pytest.raises(ConfigError, match=r"^config.eval.source: 'mano' yields no held-out batch.*Fix: "):
+    evaluation.Evaluator(cfg, sharding.make_mesh((8, 1, 1, 1)), batches=[])

@@ -19,7 +19,7 @@ def test_gate_phase_freezes_the_lm_and_trains_the_gate():
   cfg = tiny_config()
   cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2, 2
   cfg.optim.lr, cfg.optim.schedule = 3e-2, "constant"
-  mesh = sharding.make_mesh((2, 2, 2))
+  mesh = sharding.make_mesh((2, 2, 1, 2))
   schedule = learning_rate_schedule(cfg.optim, cfg.train.steps)
   optimizer = run_optimizer(cfg, schedule)
   gate_optimizer = gate_lib.make_gate_optimizer(cfg, schedule)

@@ -251,7 +251,10 @@ def test_cli_generates_the_fixture_tokens_and_reports_bad_input(tmp_path):
   good = [LOOPJAX, "generate", "--hf", hf, "--prompts_file", str(prompts), "--max_new_tokens", "16",
           "--output", str(out), "--compile_cache", CACHE]
   bad = [LOOPJAX, "generate", "--hf", hf, "--prompt", "hello"]
-  procs = [subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  # JAX_PLATFORMS=cpu: the test extra installs libtpu, whose own start-up lines (no TPU here) would
+  # otherwise reach stderr whenever its lock file is free; the one-line error is loopjax's to keep.
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  procs = [subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
            for argv in (good, bad)]
   (good_out, good_err), (_, bad_err) = (p.communicate(timeout=120) for p in procs)
   assert procs[0].returncode == 0, good_err

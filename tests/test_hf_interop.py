@@ -100,8 +100,9 @@ def assert_same_tensors(ours: TensorDir, theirs: TensorDir):
 
 
 def background(*argv) -> subprocess.Popen:
-  """`loopjax ARGV` started in a subprocess."""
-  return subprocess.Popen([LOOPJAX, *map(str, argv)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  """`loopjax ARGV` started in a subprocess (CPU only: libtpu's start-up lines stay out of stderr)."""
+  return subprocess.Popen([LOOPJAX, *map(str, argv)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
 
 
 def finished(proc: subprocess.Popen) -> str:

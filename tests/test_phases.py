@@ -17,7 +17,7 @@ import pytest
 import _train_subprocess as ts
 from helpers import tiny_config
 from loopjax import phases
-from loopjax.checkpoint import list_checkpoints
+from loopjax.checkpoint_list import list_checkpoints
 from loopjax.config import ConfigError, validate
 from loopjax.train.driver import check_run
 from loopjax.train.state import count_params

@@ -78,7 +78,7 @@ def test_small_config_fits_a_small_topology():
   code, report = _compile("--topology", "v5e:2x2", *SMALL)
   assert code == 0, report
   assert _field(report, "fits") == "yes"
-  assert _field(report, "mesh") == "data=1 fsdp=4 tensor=1"
+  assert _field(report, "mesh") == "data=1 fsdp=4 context=1 tensor=1"
   cfg = load_config_file(os.path.join(REPO, "configs", "smoke.py"))
   for override in SMALL:
     key, value = override.removeprefix("--config.").split("=")

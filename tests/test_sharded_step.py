@@ -29,8 +29,8 @@ def run_steps(cfg, mesh, num_steps=2):
 @pytest.fixture(scope="module")
 def runs():
   cfg = tiny_config()
-  one = run_steps(cfg, sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
-  eight = run_steps(cfg, sharding.make_mesh((2, 2, 2)))
+  one = run_steps(cfg, sharding.make_mesh((1, 1, 1, 1), jax.devices()[:1]))
+  eight = run_steps(cfg, sharding.make_mesh((2, 2, 1, 2)))
   return one, eight
 
 
@@ -60,7 +60,7 @@ def test_parameters_are_sharded_as_the_rules_say(runs):
 
 
 def test_data_parallel_only_mesh_replicates_parameters():
-  mesh = sharding.make_mesh((8, 1, 1))
+  mesh = sharding.make_mesh((8, 1, 1, 1))
   shardings = state_lib.state_shardings(tiny_config().model, run_optimizer(tiny_config()), mesh)
   assert shardings.params["stack"]["wq"].is_fully_replicated
   assert sharding.batch_sharding(mesh).spec == P(("data", "fsdp"), None)

@@ -32,7 +32,7 @@ def test_layer_index_mappings_and_errors():
 
 
 def _mesh_cfg(cfg, shape):
-  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = shape
+  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.context, cfg.mesh.tensor = shape
   return cfg
 
 
@@ -51,9 +51,9 @@ def trained_state(cfg, mesh, steps: int = 2):
 @pytest.fixture(scope="module")
 def trained():
   """(config, state, optimizer) after 2 steps on a (2, 2, 2) mesh; shared (nothing here donates it)."""
-  cfg = _mesh_cfg(tiny_config(), (2, 2, 2))
+  cfg = _mesh_cfg(tiny_config(), (2, 2, 1, 2))
   cfg.optim.lr = 1e-2
-  state, optimizer, _ = trained_state(cfg, sharding.make_mesh((2, 2, 2)))
+  state, optimizer, _ = trained_state(cfg, sharding.make_mesh((2, 2, 1, 2)))
   return cfg, state, optimizer
 
 
@@ -80,10 +80,10 @@ def assert_upscaled(old, new, index, moments: str, optimizer):
                                                     ("1,0,1", 3, "reset")])
 def test_upscale_state_on_mesh_is_exact_and_sharded(trained, mapping, layers, moments):
   _, state, optimizer = trained
-  mesh = sharding.make_mesh((2, 2, 2))
+  mesh = sharding.make_mesh((2, 2, 1, 2))
   before = jax.device_get(state)
   index = upscale.layer_index(2, layers, mapping)
-  new_cfg = _mesh_cfg(tiny_config(num_layers=layers), (2, 2, 2))
+  new_cfg = _mesh_cfg(tiny_config(num_layers=layers), (2, 2, 1, 2))
   shardings = state_lib.state_shardings(new_cfg.model, optimizer, mesh)
   new = upscale.upscale_state(state, index, stack_key="stack", moments=moments, optimizer=optimizer,
                               shardings=shardings)
@@ -96,8 +96,8 @@ def test_upscale_state_on_mesh_is_exact_and_sharded(trained, mapping, layers, mo
 def test_upscaled_model_trains_on(trained):
   """After 2 -> 4 layers (duplicated moments) the training continues and its loss keeps falling."""
   _, state, optimizer = trained
-  mesh = sharding.make_mesh((2, 2, 2))
-  new_cfg = _mesh_cfg(tiny_config(num_layers=4), (2, 2, 2))
+  mesh = sharding.make_mesh((2, 2, 1, 2))
+  new_cfg = _mesh_cfg(tiny_config(num_layers=4), (2, 2, 1, 2))
   new_cfg.optim.lr = 1e-2
   trainer = build_trainer(new_cfg, mesh)
   state = upscale.upscale_state(state, upscale.layer_index(2, 4, "interleave"), stack_key="stack",
@@ -126,7 +126,7 @@ def test_cli_upscale_saved_on_222_restored_on_another_mesh(tmp_path, trained):
   before = jax.device_get(state)
   src = str(tmp_path / "a" / "checkpoints")
   _save(state, src, cfg)
-  other = (1, 4, 2)  # restored on a different mesh; Checkpointer.restore verifies the new checksums
+  other = (1, 4, 1, 2)  # restored on a different mesh; Checkpointer.restore verifies the new checksums
   mesh = sharding.make_mesh(other)
   for i, (mapping, layers, moments) in enumerate([("interleave", 4, "duplicate"), ("0,1,1,0,0", 5, "reset")]):
     dst = str(tmp_path / f"b{i}" / "checkpoints")

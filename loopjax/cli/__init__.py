@@ -14,7 +14,7 @@ import sys
 from loopjax.cli import config_args, errors, logs, parsing
 
 COMMANDS = ("train", "eval", "generate", "prepare", "checkpoints", "upscale", "import-hf", "export-hf", "compile",
-            "params")
+            "params", "plot")
 
 
 def main(argv: list[str] | None = None):

@@ -1,6 +1,4 @@
-"""List the checkpoints of a run: loopjax checkpoints WORKDIR (step, phase, size, complete)."""
-
-import os
+"""List the checkpoints of a run: loopjax checkpoints WORKDIR (step, phase, size, complete); WORKDIR may be gs://."""
 
 
 def add_arguments(parser):
@@ -8,8 +6,9 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-  from loopjax.checkpoint import list_checkpoints
-  directory = os.path.join(args.workdir, "checkpoints")
+  from loopjax import storage
+  from loopjax.checkpoint_list import list_checkpoints
+  directory = str(storage.run_path(args.workdir) / "checkpoints")
   rows = list_checkpoints(directory)
   if not rows:
     print(f"no checkpoints in {directory}")

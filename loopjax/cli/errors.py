@@ -19,6 +19,8 @@ EXPECTED = {
     "loopjax.preflight": "TopologyError",
     "loopjax.distributed": "DistributedError",
     "loopjax.infer.inputs": "GenerateError",
+    "loopjax.storage": "StorageError",
+    "loopjax.plotting.runs": "PlotError",
 }
 EXIT_USAGE = 2
 

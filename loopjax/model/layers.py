@@ -85,8 +85,9 @@ def attention(p: dict, x_BSD: jax.Array, cos_BSH, sin_BSH, mask: attention_lib.M
     return y if b is None else y + b.astype(dtype)
 
   q_BSNH = constrain(proj(p["wq"], p.get("bq")), ("batch", "seq", "act_heads", None))
-  k_BSKH = constrain(proj(p["wk"], p.get("bk")), ("batch", "seq", "act_heads", None))
-  v_BSKH = constrain(proj(p["wv"], p.get("bv")), ("batch", "seq", "act_heads", None))
+  # Keys and values are whole sequences ("kv_seq"): with context parallelism, an all-gather per layer.
+  k_BSKH = constrain(proj(p["wk"], p.get("bk")), ("batch", "kv_seq", "act_heads", None))
+  v_BSKH = constrain(proj(p["wv"], p.get("bv")), ("batch", "kv_seq", "act_heads", None))
   if cos_BSH is not None:
     q_BSNH = apply_rope(q_BSNH, cos_BSH, sin_BSH)
     k_BSKH = apply_rope(k_BSKH, cos_BSH, sin_BSH)

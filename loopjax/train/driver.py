@@ -36,6 +36,7 @@ from loopjax import distributed
 from loopjax import metrics as metrics_lib
 from loopjax import phases as phases_lib
 from loopjax import sharding
+from loopjax import storage
 from loopjax.data.validate import validate_data
 from loopjax.model import model_kind
 from loopjax.train import hooks as hooks_lib
@@ -126,6 +127,7 @@ class Runner:
 
   def __init__(self, cfg, workdir: str):
     self.cfg, self.workdir = cfg, workdir
+    storage.check_run_dir(workdir)
     self.plan = check_run(cfg, jax.device_count())
     self.mesh = make_mesh(cfg)
     self._trainers = {}
@@ -194,16 +196,16 @@ class Runner:
       return
     tokens = sum((min(step, s.end) - s.start) * s.cfg.train.batch_size * s.cfg.train.seq_len
                  for s in ph.segments if s.start < step)
-    with open(os.path.join(self.workdir, "phases.jsonl"), "a") as f:
-      f.write(json.dumps({"phase": ph.spec.name, "event": event, "step": step, "start_step": ph.start,
-                          "end_step": ph.end, "tokens": tokens, "wall_seconds": round(seconds, 3),
-                          "time": time.time()}) + "\n")
+    storage.append_line(storage.run_path(self.workdir) / "phases.jsonl", json.dumps(
+        {"phase": ph.spec.name, "event": event, "step": step, "start_step": ph.start, "end_step": ph.end,
+         "tokens": tokens, "wall_seconds": round(seconds, 3), "time": time.time()}) + "\n")
 
   def run(self) -> RunResult:
     for note in self.plan.notes:
       log.warning("%s", note)
     m = self.cfg.model
-    log.info("%s model, %s params, L=%d x T=%d; mesh data=%d fsdp=%d tensor=%d over %d %s device(s); %d steps",
+    log.info("%s model, %s params, L=%d x T=%d; mesh data=%d fsdp=%d context=%d tensor=%d over %d %s device(s); "
+             "%d steps",
              m.kind, f"{state_lib.count_params(m):,}", m.num_layers, m.loop_steps, *self.mesh.devices.shape,
              jax.device_count(), jax.devices()[0].platform, self.plan.total_steps)
     keep = [ph.end for ph in self.plan] if len(self.plan) > 1 else []
@@ -238,7 +240,11 @@ class Runner:
       hooks.append(hooks_lib.EvalHook(writer, metrics))
     if t.profile_steps:
       hooks.append(hooks_lib.ProfileHook(self.workdir, t.profile_start, t.profile_steps))
-    hooks.append(hooks_lib.CheckpointHook(ckpt, lambda info: self.save(ckpt, info)))
+
+    def save(info):
+      writer.sync()  # on a bucket, the metrics a checkpoint covers are uploaded before it
+      self.save(ckpt, info)
+    hooks.append(hooks_lib.CheckpointHook(ckpt, save))
     return hooks
 
   def walk(self, hooks, preemption, state, tally, step: int, stream) -> tuple[int, bool]:

@@ -11,6 +11,7 @@ import logging
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh
 
@@ -32,7 +33,7 @@ class Trainer:
   cfg: object  # the (derived, single-phase) config its step runs with
   mesh: Mesh
   optimizer: optax.GradientTransformation  # the LM's (Stage I) optimizer
-  gate_optimizer: optax.GradientTransformation  # the exit gate's own, in a gate phase (Stage II)
+  gate_optimizer: optax.GradientTransformation | None  # the exit gate's own, in a gate phase (Stage II)
   objective: str  # "lm" (Stage I) or "gate" (Stage II)
   abstract_state: state_lib.TrainState  # ShapeDtypeStructs carrying the target shardings
   state_shardings: state_lib.TrainState
@@ -63,9 +64,17 @@ class Trainer:
 
 
 def make_mesh(cfg, devices=None) -> Mesh:
-  """The (data, fsdp, tensor) mesh `cfg.mesh` asks for over `devices` (default: all), after `validate`."""
+  """The (data, fsdp, context, tensor) mesh `cfg.mesh` asks for over `devices` (default: all), after
+  `validate`; a context axis that would split a sequence over processes is a ConfigError."""
   devices = jax.devices() if devices is None else devices
-  return sharding.make_mesh(config_lib.validate(cfg, len(devices)), devices=devices)
+  mesh = sharding.make_mesh(config_lib.validate(cfg, len(devices)), devices=devices)
+  groups = np.moveaxis(mesh.devices, sharding.MESH_AXES.index("context"), -1).reshape(-1, mesh.shape["context"])
+  if any(len({d.process_index for d in group}) > 1 for group in groups):
+    raise config_lib.ConfigError(
+        f"config.mesh.context: {mesh.shape['context']} devices per sequence span several processes, but each "
+        "process feeds whole rows of the batch. Fix: keep mesh.context within one host's devices "
+        f"({len(jax.local_devices())} here), and scale with mesh.data / mesh.fsdp across hosts.")
+  return mesh
 
 
 def resolve_attention(cfg, platform: str):
@@ -74,6 +83,10 @@ def resolve_attention(cfg, platform: str):
   always carry segment ids, so cudnn falls back to blocked (logged)."""
   m = cfg.model
   impl, note = attention.resolve(m.attention, platform, m.compute_dtype, documents=True)
+  shape_problem = attention.backend_problem(impl, platform, cfg.train.seq_len, m.attention_block_q,
+                                            m.attention_block_kv)
+  if m.attention == "auto" and shape_problem:  # auto never fails: blocked runs on every backend and shape
+    impl, note = "blocked", f"model.attention: auto would take {impl}, but {shape_problem[0]}; using blocked"
   problems = [p for asked in dict.fromkeys(x for x in (m.attention, impl) if x != "auto")  # asked, and what runs
               if (p := attention.backend_problem(asked, platform, cfg.train.seq_len, m.attention_block_q,
                                                  m.attention_block_kv))]
@@ -107,7 +120,8 @@ def build_trainer(cfg, mesh: Mesh, schedule: optax.Schedule | None = None, objec
            cfg.train.seq_len)
   schedule = schedule or learning_rate_schedule(cfg.optim, cfg.train.steps)
   optimizer = run_optimizer(cfg, schedule)
-  gate_optimizer = gate_lib.make_gate_optimizer(cfg, schedule)
+  # Only a gate phase has one: a model kind without an exit gate (loop_residual) has nothing to build it on.
+  gate_optimizer = gate_lib.make_gate_optimizer(cfg, schedule) if objective == "gate" else None
   shardings = state_lib.state_shardings(cfg.model, optimizer, mesh)
   if objective == "gate":
     abstract_params = jax.eval_shape(state_lib.init_fn(cfg.model, optimizer), jax.random.key(0)).params

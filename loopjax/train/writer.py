@@ -4,12 +4,21 @@ A resumed run logs again the steps after its checkpoint that the run that died h
 Opening the writer at `start` removes them: metrics.jsonl keeps its lines up to `start` (rewritten
 atomically), and the TensorBoard writer is opened with `purge_step=start + 1`, which records a restart
 marker that makes TensorBoard drop the earlier events of steps > start. Only process 0 writes.
+
+On an object store (gs://) both are written to a local staging directory and uploaded whole
+(`storage.Staged`) at every checkpoint save, every SYNC_SECONDS and at close: a metrics line that a
+checkpoint covers is in the bucket before the checkpoint is, so a resume never leaves a gap.
 """
 
 import json
 import os
+import time
 
 import jax
+
+from loopjax import storage
+
+SYNC_SECONDS = 30.0
 
 
 def _drop_logged_after(path: str, step: int):
@@ -30,15 +39,18 @@ class MetricWriter:
 
   def __init__(self, workdir: str, start: int = 0):
     self.enabled = jax.process_index() == 0
-    self.metrics_path = os.path.join(workdir, "metrics.jsonl")
-    self.tensorboard_dir = os.path.join(workdir, "tensorboard")
+    target = storage.run_path(workdir)
+    self.metrics_path = os.fspath(target / "metrics.jsonl")
+    self.tensorboard_dir = os.fspath(target / "tensorboard")
     if not self.enabled:
       return
     from tensorboardX import SummaryWriter
-    os.makedirs(workdir, exist_ok=True)
-    _drop_logged_after(self.metrics_path, start)
-    self._jsonl = open(self.metrics_path, "a")
-    self._tb = SummaryWriter(self.tensorboard_dir, purge_step=start + 1 if start else None)
+    self._staged = storage.Staged(target, files=("metrics.jsonl",))
+    local_metrics = os.path.join(self._staged.local, "metrics.jsonl")
+    _drop_logged_after(local_metrics, start)
+    self._jsonl = open(local_metrics, "a")
+    self._tb = SummaryWriter(os.path.join(self._staged.local, "tensorboard"), purge_step=start + 1 if start else None)
+    self._synced_at = time.monotonic()
 
   def write(self, step: int, metrics: dict):
     if not self.enabled:
@@ -52,8 +64,17 @@ class MetricWriter:
       elif isinstance(value, (int, float)):
         self._tb.add_scalar(key, value, step)
     self._tb.flush()
+    if time.monotonic() - self._synced_at > SYNC_SECONDS:
+      self.sync()
+
+  def sync(self):
+    """Makes everything written so far visible in the run directory (a no-op on a local disk)."""
+    if self.enabled:
+      self._staged.sync()
+      self._synced_at = time.monotonic()
 
   def close(self):
     if self.enabled:
       self._jsonl.close()
       self._tb.close()
+      self._staged.close()

@@ -1,0 +1,80 @@
+"""What every experiment script shares: flags, training a config into a workdir, final numbers, plots.
+
+Each script builds its configs in code, trains each with `loopjax.train.driver.train` (so a re-run
+resumes finished or interrupted runs instead of starting over), reads the final held-out evaluation
+from the workdir's metrics.jsonl, and writes OUT/results.json and OUT/*.png. `--fast` runs a few
+steps of every config: the tests run it so the scripts cannot rot; its numbers mean nothing.
+"""
+
+import argparse
+import json
+import os
+import statistics
+
+from loopjax.config import default_config
+
+
+def parse_args(doc: str, name: str, argv=None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--fast", action="store_true", help="a few steps per run: checks the script, not the claim")
+  parser.add_argument("--out", default=os.path.join("runs", "experiments", name), help="workdirs, JSON and plots")
+  return parser.parse_args(argv)
+
+
+def tiny_model(cfg, *, vocab: int, hidden: int = 64, layers: int = 2, loop_steps: int = 4):
+  """The smoke config's model shape (configs/smoke.py): 4 heads of 16, 2 KV heads, MLP 2.5x."""
+  m = cfg.model
+  m.vocab_size, m.hidden_size, m.num_layers, m.loop_steps = vocab, hidden, layers, loop_steps
+  m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim = 4, 2, hidden // 4, hidden * 5 // 2
+  m.remat = "none"  # nothing to save at this size, and it compiles faster
+
+
+def base_config(source: str, steps: int, *, fast: bool, seed: int = 0):
+  """A run on `source` for `steps` steps (4 with --fast), evaluated 10 times, WSD schedule as smoke."""
+  c = default_config()
+  steps = 4 if fast else steps
+  c.data.source, c.train.seed = source, seed
+  c.train.steps, c.train.batch_size, c.train.seq_len = steps, 8, 128
+  c.train.log_every, c.train.progress = max(1, steps // 50), False
+  c.optim.lr, c.optim.schedule, c.optim.end_lr = 3e-3, "wsd", 3e-4
+  c.optim.warmup_steps, c.optim.decay_steps = min(20, steps // 2), steps // 5
+  c.eval.every_steps, c.eval.num_batches = max(1, steps // 10), 1 if fast else 4
+  c.checkpoint.every_steps, c.checkpoint.keep = 0, 1
+  return c
+
+
+def train(cfg, workdir: str) -> str:
+  """Trains (or resumes) `cfg` in `workdir`; the workdir."""
+  from loopjax.train.driver import train as run
+  print(f"== {workdir}", flush=True)
+  run(cfg, workdir)
+  return workdir
+
+
+def final_eval(workdir: str) -> dict:
+  """The last held-out evaluation row of a run, keys without their step."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  evals = [r for r in rows if any(k.startswith("eval_T") for k in r)]
+  return {k: v for k, v in evals[-1].items() if k != "step"}
+
+
+def mean_spread(values: list[float]) -> dict:
+  """Mean, sample standard deviation (0 for one value), min and max."""
+  spread = statistics.stdev(values) if len(values) > 1 else 0.0
+  return {"mean": statistics.fmean(values), "std": spread, "min": min(values), "max": max(values), "n": len(values)}
+
+
+def write_results(out: str, results: dict):
+  path = os.path.join(out, "results.json")
+  with open(path, "w") as f:
+    json.dump(results, f, indent=2)
+  print(json.dumps(results, indent=2))
+  print(f"wrote {path}")
+
+
+def plot(workdirs: list[str], path: str):
+  """The `loopjax plot` figure of `workdirs`, small enough for RESULTS.md."""
+  from loopjax.cli.plot import plot as draw
+  draw(workdirs, path, dpi=60)
+  print(f"wrote {path}")

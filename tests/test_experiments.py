@@ -1,0 +1,57 @@
+"""The experiments' --fast modes (a few steps per run), so the scripts in experiments/ cannot rot.
+
+Each writes its workdirs, results.json and a PNG; the numbers of a fast run mean nothing, so only
+their presence and shape are checked.
+"""
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+EXPERIMENTS = os.path.join(os.path.dirname(__file__), "..", "experiments")
+
+
+def _main(name: str):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(EXPERIMENTS, f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.main
+
+
+def _run_fast(name: str, tmp_path) -> dict:
+  results = _main(name)(["--fast", "--out", str(tmp_path)])
+  with open(tmp_path / "results.json") as f:
+    assert json.load(f) == json.loads(json.dumps(results))
+  with open(tmp_path / f"{name.removeprefix('exp_')}.png", "rb") as f:
+    assert f.read(4) == b"\x89PNG"
+  assert results["fast"] and results["steps"] == 4
+  return results
+
+
+def test_c_entropy_fast(tmp_path):
+  results = _run_fast("exp_c_entropy", tmp_path)
+  assert sorted(results["runs"]) == ["beta0", "beta0.05", "beta0.1", "geometric"]
+  for run in results["runs"].values():
+    assert len(run["exit_probs"]) == 4 and abs(sum(run["exit_probs"]) - 1) < 1e-4
+
+
+def test_b_capo_fast(tmp_path):
+  results = _run_fast("exp_b_capo", tmp_path)
+  assert results["runs"]["T1"]["params"] == results["runs"]["T4"]["params"]
+
+
+@pytest.mark.slow
+def test_a_manipulation_fast(tmp_path):
+  results = _run_fast("exp_a_manipulation", tmp_path)
+  assert sorted(results["exact_match"]) == ["2x1", "2x4", "8x1"]
+
+
+@pytest.mark.slow
+def test_d_loop_residual_fast(tmp_path):
+  results = _run_fast("exp_d_loop_residual", tmp_path)
+  assert sorted(results["runs"]) == ["12x1", "6x1", "6x6"]
+  assert os.path.exists(tmp_path / "data" / "val" / "manifest.json")
