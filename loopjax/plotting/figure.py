@@ -46,8 +46,11 @@ def _step_legend(ax, max_t: int):
   ax.legend(handles=handles, fontsize=7, title="loop step", title_fontsize=7)
 
 
-def _per_run_panel(ax, runs: list[Run], key: str, title: str, ylabel: str):
+def _per_run_panel(ax, runs: list[Run], key: str, title: str, ylabel: str, only=None):
+  """One line per run (`only`: a subset to draw, each keeping its run's style)."""
   for i, run in enumerate(runs):
+    if only is not None and run not in only:
+      continue
     ax.plot(*run.series(key), **_run_style(i))
     _mark_phases(ax, run)
   _label(ax, title, STEP_AXIS, ylabel)
@@ -84,12 +87,27 @@ def _exit_panel(ax, run: Run, max_t: int):
   _step_legend(ax, max_t)
 
 
-def _eval_key(run: Run) -> str | None:
-  """eval_T{T}/exact_match_per_step at the trained T if it was evaluated, else at the largest T."""
-  counts = [T for T in run.eval_loop_counts() if run.eval_series(f"eval_T{T}/exact_match_per_step")[0]]
+def _eval_key(run: Run, name: str = "exact_match_per_step") -> str | None:
+  """eval_T{T}/<name> at the trained T if it was evaluated, else at the largest T."""
+  counts = [T for T in run.eval_loop_counts() if run.eval_series(f"eval_T{T}/{name}")[0]]
   if not counts:
     return None
-  return f"eval_T{run.loop_steps if run.loop_steps in counts else counts[-1]}/exact_match_per_step"
+  return f"eval_T{run.loop_steps if run.loop_steps in counts else counts[-1]}/{name}"
+
+
+def _has_exit_gate(run: Run) -> bool:
+  """Whether the run scores several loop steps (Loop-Residual scores only its final state)."""
+  return max(map(len, run.series("exit_probs")[1]), default=0) > 1
+
+
+def _eval_loss_panel(ax, runs: list[Run]):
+  """Held-out loss (the exit-weighted loss at the trained T) over training, one line per run."""
+  for i, run in enumerate(runs):
+    key = _eval_key(run, "loss")
+    if key:
+      ax.plot(*run.eval_series(key), marker=".", **_run_style(i))
+      _mark_phases(ax, run)
+  _label(ax, "Held-out loss", STEP_AXIS, f"loss ({NATS})")
 
 
 def _accuracy_panel(ax, runs: list[Run], max_t: int):
@@ -117,7 +135,9 @@ def _depth_panel(ax, runs: list[Run]):
 
 
 def panel_count(runs: list[Run]) -> int:
-  return 3 + len(runs) + any(_eval_key(r) for r in runs) + any(r.gen for r in runs)
+  gated = [r for r in runs if _has_exit_gate(r)]
+  return (2 + bool(gated) + len(gated) + any(_eval_key(r, "loss") for r in runs) + any(_eval_key(r) for r in runs)
+          + any(r.gen for r in runs))
 
 
 def draw(runs: list[Run], ncols: int = 2):
@@ -131,9 +151,13 @@ def draw(runs: list[Run], ncols: int = 2):
   axes = iter(fig.subplots(nrows, ncols, squeeze=False).flat)
   _per_run_panel(next(axes), runs, "loss", "Training loss (objective, incl. -beta H)", f"loss ({NATS})")
   _ce_panel(next(axes), runs, max_t)
-  _per_run_panel(next(axes), runs, "expected_exit_step", "Expected exit step", "loop step")
-  for run in runs:
+  gated = [r for r in runs if _has_exit_gate(r)]  # exit panels only where there is a distribution to show
+  if gated:
+    _per_run_panel(next(axes), runs, "expected_exit_step", "Expected exit step", "loop step", only=gated)
+  for run in gated:
     _exit_panel(next(axes), run, max_t)
+  if any(_eval_key(r, "loss") for r in runs):
+    _eval_loss_panel(next(axes), runs)
   if any(_eval_key(r) for r in runs):
     _accuracy_panel(next(axes), runs, max_t)
   if any(r.gen for r in runs):
