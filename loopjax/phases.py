@@ -29,6 +29,7 @@ import optax
 
 from loopjax import config as config_lib
 from loopjax import upscale
+from loopjax.model import model_kind
 from loopjax.train.optim import learning_rate_schedule, schedule_steps
 
 LR_SHAPES = ("constant", "cosine", "linear")
@@ -137,7 +138,7 @@ def _ramp(p, seq_len: int, dp: int, batch_tokens: int) -> list[tuple[int, int]]:
   return [(b - a, max(1, int(s // quantum)) * dp) for a, b, s in zip(bounds, bounds[1:], sizes)]
 
 
-def _check_phase(i, p, values, lr):
+def _check_phase(i, p, values, lr, kind: str):
   name = p.name
   if (p.steps > 0) == (p.tokens > 0):
     _fail(i, name, "steps", f"give exactly one of steps ({p.steps}) and tokens ({p.tokens})",
@@ -158,6 +159,8 @@ def _check_phase(i, p, values, lr):
     _fail(i, name, "batch_ramp_from", f"a ramp from {p.batch_ramp_from} to {values['batch_tokens']} tokens "
           f"over {p.batch_ramp_steps} steps in {p.batch_ramp_stages} stages cannot work",
           "ramp up from fewer tokens than batch_tokens, with batch_ramp_steps >= batch_ramp_stages >= 1")
+  if p.objective == "gate" and not model_kind(kind).exit_gate:
+    _fail(i, name, "objective", f"a {kind} model has no exit gate to train", "drop the gate phase for this model kind")
   if p.objective == "gate" and (p.upscale.layers or values["loop_steps"] < 2):
     _fail(i, name, "objective", "a gate phase trains the exit gate of the model as it is, over >= 2 steps",
           "upscale in an 'lm' phase before it, and keep loop_steps >= 2 (Stage II compares steps)")
@@ -230,7 +233,7 @@ def _plan_phases(cfg, specs, num_devices: int) -> Plan:
       _fail(i, p.name, "name", f"{p.name!r} is empty, has a '/' or is used twice", "give each phase a unique name")
     values.update({key: p[key] for key, (_, unset) in INHERITED.items() if p[key] != unset})
     lr = p.lr or lr
-    _check_phase(i, p, values, lr)
+    _check_phase(i, p, values, lr, cfg.model.kind)
     layers_before = layers
     if p.upscale.layers and i == 0:
       _fail(i, p.name, "upscale", "the first phase starts from a fresh model, there is nothing to upscale",

@@ -110,6 +110,15 @@ def test_impossible_upscales_and_gate_phases_name_the_phase():
     check_run(cfg, 8)
 
 
+def test_a_gate_phase_needs_a_model_with_an_exit_gate():
+  cfg = _recipe()
+  cfg.model.kind, cfg.model.num_kv_heads = "loop_residual", 4
+  cfg.phases = (phases.phase(name="a", steps=4), phases.phase(name="g", steps=2, objective="gate"))
+  with pytest.raises(ConfigError, match=r"^config.phases\[1\] \('g'\).objective: a loop_residual model has no "
+                     r"exit gate.*Fix: "):
+    check_run(cfg, 8)
+
+
 def smoke_expectations():
   """Per global step (1-based, as logged): the settings configs/recipe_smoke.py's table promises.
 

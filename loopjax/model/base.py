@@ -111,6 +111,7 @@ class ModelKind:
   stack_key: str
   forward_flops: Callable[[object, int], int]
   hf: HFMapping | None = None
+  exit_gate: bool = True  # whether the kind has an exit gate to train in a Stage II (gate) phase
 
   def flops_per_token(self, model_cfg, seq_len: int, *, training: bool = True) -> float:
     """FLOPs per token; training counts forward + backward as 3 forwards (the 6N rule)."""

@@ -114,4 +114,5 @@ def forward_flops(m, seq_len: int) -> int:
   return layer * (m.loop_steps * m.num_layers + m.prelude_layers + m.coda_layers) + 2 * D * m.vocab_size
 
 
-KIND = ModelKind(name="loop_residual", module=LoopResidualGPT2, stack_key="block", forward_flops=forward_flops)
+KIND = ModelKind(name="loop_residual", module=LoopResidualGPT2, stack_key="block", forward_flops=forward_flops,
+                 exit_gate=False)
