@@ -294,19 +294,31 @@ class Checkpointer:
   def restore_latest(self, abstract_items: dict, data_iter=None) -> Restored | None:
     """The newest checkpoint that restores and verifies; bad ones are reported and set aside."""
     for step in reversed(self.all_steps()):
-      error = None
-      try:
-        restored = self.restore(step, abstract_items, data_iter)
-      except IncompatibleCheckpointError:
-        raise
-      except Exception as e:  # noqa: BLE001 - storage errors come as many types; all mean "unreadable"
-        error, restored = e, None
+      error, restored = self._missing_files(step, abstract_items), None
       if _all_processes_agree(error is None):
-        return restored
+        try:
+          restored = self.restore(step, abstract_items, data_iter)
+        except IncompatibleCheckpointError:
+          raise
+        except Exception as e:  # noqa: BLE001 - storage errors come as many types; all mean "unreadable"
+          error = e
+        if _all_processes_agree(error is None):
+          return restored
+      error = error or CheckpointError("another process could not read it")
       log.warning("checkpoint step %d in %s is damaged (%s: %s); moving it to %s and falling back to the "
                   "previous checkpoint", step, self.directory, type(error).__name__, error,
                   "nowhere (read-only)" if self.read_only else self.quarantine)
       self._set_aside(step)
+    return None
+
+  def _missing_files(self, step: int, abstract_items: dict) -> CheckpointError | None:
+    """The metadata files a restore opens first, checked without any collective and agreed on before
+    one: on a bucket, processes may see a removed file at different points (one fails before Orbax's
+    restore barrier, another inside it), and a restore failing at different barriers crashes them all."""
+    root = self.directory / str(step)
+    for path in [root / name / "_METADATA" for name in abstract_items] + [root / "meta" / "metadata"]:
+      if not path.exists():
+        return CheckpointError(f"{path} is missing")
     return None
 
   def _set_aside(self, step: int):
@@ -319,6 +331,7 @@ class Checkpointer:
       storage.move(self.directory / str(step), target)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"loopjax_set_aside_{step}")
+      storage.forget_listings(self.directory)  # the other processes' cached listings still hold the step
     self._manager.reload()
 
 

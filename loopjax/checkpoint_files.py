@@ -4,26 +4,27 @@ Orbax writes each array item (params, opt_state) of step N as `<dir>/N/<item>`: 
 store of zarr arrays named by their dotted tree path ("stack.wq", "1.0.mu.stack.wq"), plus small JSON
 metadata files. It gives a step directory its plain name only once the save is complete. Tensorstore
 is the library Orbax writes them with, so reading a chunk here costs what a restore would.
-"""
 
-import os
+Directories are local or gs:// (`loopjax.storage`): tensorstore reads a bucket through its gcs driver.
+"""
 
 import numpy as np
 import tensorstore as ts
 
+from loopjax import storage
 from loopjax.checkpoint import CheckpointError
 
 
 def checkpoints_dir(path: str) -> str:
   """A run's workdir or its checkpoints directory -> the checkpoints directory."""
-  inner = os.path.join(path, "checkpoints")
-  return inner if os.path.isdir(inner) else path
+  return str(storage.checkpoints_dir(path))
 
 
 def complete_steps(directory: str) -> list[int]:
   """The steps with a complete checkpoint in `directory` (a run's WORKDIR/checkpoints), ascending."""
-  names = os.listdir(directory) if os.path.isdir(directory) else []
-  return sorted(int(name) for name in names if name.isdigit())
+  path = storage.run_path(directory)
+  steps = path.iterdir() if path.is_dir() else []
+  return sorted(int(p.name) for p in steps if storage.is_finished_step(p))
 
 
 def pick_step(directory: str, step: int | None, flag: str) -> int:
@@ -38,7 +39,7 @@ def pick_step(directory: str, step: int | None, flag: str) -> int:
 
 def kvstore(item_dir: str) -> dict:
   """The tensorstore spec of one item's key-value store."""
-  return {"driver": "ocdbt", "base": f"file://{os.path.abspath(item_dir)}/"}
+  return {"driver": "ocdbt", "base": storage.kvstore_url(item_dir)}
 
 
 def open_array(item_dir: str, name: str, context: ts.Context | None = None, **mode) -> ts.TensorStore:

@@ -94,6 +94,9 @@ def default_config() -> ml_collections.ConfigDict:
   t.seed = 0
   t.log_every = 10
   t.batch_size = 8  # global batch, in sequences
+  # Gradient accumulation: rows each data-parallel shard (mesh.data x mesh.fsdp index) runs at once; a step
+  # takes batch_size / (per_device_batch * data * fsdp) microbatches (loopjax/train/microbatch.py). 0 = all rows.
+  t.per_device_batch = 0
   t.seq_len = 128
   t.progress = True  # tqdm progress bar on process 0
   # A step whose loss or grad norm is NaN/Inf never updates the weights (the step's NaN guard);
@@ -320,6 +323,10 @@ def validate(cfg, num_devices: int) -> tuple[int, int, int]:
   if t.batch_size % (data * fsdp):
     _fail("train.batch_size", f"{t.batch_size} is not divisible by the data-parallel size "
           f"mesh.data*mesh.fsdp = {data * fsdp}", f"use a multiple of {data * fsdp}")
+  if t.per_device_batch < 0 or (t.per_device_batch and t.batch_size % (t.per_device_batch * data * fsdp)):
+    _fail("train.per_device_batch", f"{t.per_device_batch} rows per data-parallel shard x {data * fsdp} shards "
+          f"(mesh.data*mesh.fsdp) do not divide train.batch_size={t.batch_size}",
+          f"use a divisor of {t.batch_size // (data * fsdp)} (rows per shard), or 0 for the whole batch at once")
   if m.hidden_size % fsdp:
     _fail("model.hidden_size", f"{m.hidden_size} is not divisible by mesh.fsdp={fsdp}",
           f"choose mesh.fsdp dividing {m.hidden_size}")

@@ -38,7 +38,9 @@ ON_ENTRY = ("keep", "reset")
 # Fields that keep the previous phase's value when unset: where the base config has them, and "unset".
 INHERITED = {"batch_tokens": (None, 0), "seq_len": (("train", "seq_len"), 0),
              "loop_steps": (("model", "loop_steps"), 0), "beta": (("objective", "beta"), -1.0),
-             "rope_base": (("model", "rope_base"), 0.0), "data_weights": (("data", "weights"), "")}
+             "rope_base": (("model", "rope_base"), 0.0), "data_weights": (("data", "weights"), ""),
+             "per_device_batch": (("train", "per_device_batch"), -1)}
+MESH_AXES = ("data", "fsdp", "context", "tensor")  # a phase's `mesh.<axis>`: 0 keeps the previous phase's size
 
 
 def phase(**fields) -> ml_collections.ConfigDict:
@@ -60,6 +62,10 @@ def phase(**fields) -> ml_collections.ConfigDict:
   p.beta = -1.0
   p.rope_base = 0.0
   p.data_weights = ""  # comma-separated, one per data.source entry
+  p.per_device_batch = -1  # rows per data-parallel shard at once (gradient accumulation; 0 = all); -1 = previous
+  # The phase's mesh (each axis 0 = the previous phase's; -1 = the devices the others leave). A change
+  # reshards the state on entry: e.g. context parallelism for a long-context phase only.
+  p.mesh = ml_collections.ConfigDict({axis: 0 for axis in MESH_AXES})
   p.objective = "lm"  # "lm" (Stage I) or "gate" (Stage II: the LM frozen, only the exit gate trained)
   p.optimizer_on_entry = "keep"  # or "reset": a fresh optimizer state when the phase starts
   p.upscale = ml_collections.ConfigDict({"layers": 0, "mapping": "interleave", "moments": "duplicate"})
@@ -118,6 +124,7 @@ def _segment(cfg, i: int, name: str, start: int, end: int, rows: int, values: di
   for key, (where, _) in INHERITED.items():
     if where is not None:
       d[where[0]][where[1]] = values[key]
+  d.mesh.update(values["mesh"])
   d.model.num_layers, d.train.batch_size, d.checkpoint.phase = layers, rows, name
   d.train.steps = end  # until `plan` knows the recipe's length
   d.optim.schedule = "constant"  # the recipe's schedule (`schedule`) replaces optim.schedule
@@ -219,19 +226,30 @@ def _single_phase(cfg, num_devices: int) -> Plan:
 
 
 def _base_values(cfg) -> dict:
-  return {key: (cfg[w[0]][w[1]] if w else cfg.train.batch_size * cfg.train.seq_len)
-          for key, (w, _) in INHERITED.items()}
+  values = {key: (cfg[w[0]][w[1]] if w else cfg.train.batch_size * cfg.train.seq_len)
+            for key, (w, _) in INHERITED.items()}
+  return dict(values, mesh={axis: cfg.mesh[axis] for axis in MESH_AXES})
+
+
+def _phase_values(values: dict, p) -> dict:
+  """The settings phase `p` runs with: its own where set, else those of the phase before (`values`)."""
+  new = dict(values, **{key: p[key] for key, (_, unset) in INHERITED.items() if p[key] != unset})
+  new["mesh"] = {axis: p.mesh[axis] or values["mesh"][axis] for axis in MESH_AXES}
+  return new
 
 
 def _plan_phases(cfg, specs, num_devices: int) -> Plan:
   names = [p.name for p in specs]
   values = _base_values(cfg)
-  data, fsdp, _, _ = config_lib.resolve_mesh_shape(cfg.mesh, num_devices)
   layers, step, lr, phases = cfg.model.num_layers, 0, cfg.optim.lr, Plan()
   for i, p in enumerate(specs):
     if not p.name or "/" in p.name or names.count(p.name) > 1:
       _fail(i, p.name, "name", f"{p.name!r} is empty, has a '/' or is used twice", "give each phase a unique name")
-    values.update({key: p[key] for key, (_, unset) in INHERITED.items() if p[key] != unset})
+    values = _phase_values(values, p)
+    try:
+      data, fsdp, _, _ = config_lib.resolve_mesh_shape(ml_collections.ConfigDict(values["mesh"]), num_devices)
+    except config_lib.ConfigError as e:
+      raise config_lib.ConfigError(f"config.phases[{i}] ({p.name!r}): in this phase {e}") from None
     lr = p.lr or lr
     _check_phase(i, p, values, lr, cfg.model.kind)
     layers_before = layers

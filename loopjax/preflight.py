@@ -10,7 +10,9 @@ logical axes) on abstract inputs, and compiles it with XLA:TPU. It prints:
   - the loop-aware training FLOPs per step from `loopjax.model.flops_per_token`, and the step time
     and tokens/s at the chips' peak: the 100%-MFU bound, no better;
   - for a staged recipe (`config.phases`), one line per phase (its full-batch segment from
-    `loopjax.phases.plan`): seq, sequences per chip, mesh, attention, memory, fits;
+    `loopjax.phases.plan`, on the phase's own mesh): seq, sequences per data-parallel shard at once and
+    microbatches, mesh, attention, memory, fits;
+  - with `--explain`, the temporaries by what they hold (`loopjax.memory_account`);
   - when it does not fit, the lever that the memory breakdown points at (`advice`).
 
 XLA's `cost_analysis()` is not used: it counts the body of every while loop (each `scan` over loop
@@ -26,11 +28,12 @@ import time
 
 import jax
 
-from loopjax import metrics
+from loopjax import memory_account, metrics
 from loopjax import phases as phases_lib
 from loopjax.config import ConfigError
 from loopjax.model import flops_per_token
 from loopjax.train import state as state_lib
+from loopjax.train.microbatch import num_microbatches
 from loopjax.train.trainer import build_trainer, make_mesh
 
 GIB = 2**30
@@ -148,6 +151,9 @@ class Report:
   code_bytes: int | None = None
   oom_message: str = ""  # XLA's out-of-memory error, when compilation itself failed for memory
   splash_in_program: bool = False  # the compiled program calls the Pallas splash-attention kernel
+  microbatches: int = 1  # gradient accumulation (train.per_device_batch)
+  peak_bytes: int | None = None  # memory_analysis' peak_memory_in_bytes
+  account: list | None = None  # [(what, bytes)] of the temporaries (`--explain`, loopjax.memory_account)
 
   @property
   def total_bytes(self) -> int | None:
@@ -165,20 +171,27 @@ class Report:
     return metrics.PEAK_FLOPS_PER_DEVICE[self.topology.chip.kind]
 
 
-def run(cfg, topology: Topology) -> Report:
-  """Compiles the train step for `topology` and measures it (raises ConfigError/TopologyError)."""
+def run(cfg, topology: Topology, explain: bool = False) -> Report:
+  """Compiles the train step for `topology` and measures it (raises ConfigError/TopologyError); with
+  `explain`, also accounts for its temporaries from XLA's buffer assignment."""
   devices = topology_devices(topology)
   mesh = make_mesh(cfg, devices)
   trainer = build_trainer(cfg, mesh)
   report = Report(topology, len(devices), len({d.process_index for d in devices}), dict(mesh.shape),
                   trainer.cfg.model.attention, state_lib.count_params(cfg.model), cfg.train.batch_size, cfg.train.seq_len,
                   cfg.model.loop_steps, cfg.model.num_layers, 0.0)
+  report.microbatches = num_microbatches(cfg.train.batch_size, cfg.train.per_device_batch,
+                                         mesh.shape["data"] * mesh.shape["fsdp"])
   inputs = trainer.abstract_state, trainer.abstract_batch()
   start = time.perf_counter()
+  dump, temp_allocation = "", 0
   with jax.set_mesh(mesh):
     lowered = trainer.train_step.lower(*inputs)
     try:
-      compiled = lowered.compile()
+      if explain:
+        compiled, dump, temp_allocation = memory_account.compile_with_dump(lowered)
+      else:
+        compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:
       if "RESOURCE_EXHAUSTED" not in str(e):  # XLA:TPU's "ran out of memory" at compile time
         raise
@@ -189,14 +202,22 @@ def run(cfg, topology: Topology) -> Report:
     mem = compiled.memory_analysis()
     report.argument_bytes, report.output_bytes = mem.argument_size_in_bytes, mem.output_size_in_bytes
     report.alias_bytes, report.temp_bytes = mem.alias_size_in_bytes, mem.temp_size_in_bytes
-    report.code_bytes = mem.generated_code_size_in_bytes
+    report.code_bytes, report.peak_bytes = mem.generated_code_size_in_bytes, mem.peak_memory_in_bytes
     report.splash_in_program = "splash" in compiled.as_text()
+    if dump:
+      report.account = memory_account.account(dump, temp_allocation, cfg, report.temp_bytes)
   return report
 
 
 def rows_per_chip(report: Report) -> float:
-  """Sequences per data-parallel shard (data x fsdp chips share the batch; tensor chips share a row)."""
-  return report.global_batch / (report.mesh["data"] * report.mesh["fsdp"])
+  """Sequences a data-parallel shard runs at once (data x fsdp shards share the batch, microbatches split
+  it further; the chips along context and tensor share each row)."""
+  return report.global_batch / (report.mesh["data"] * report.mesh["fsdp"] * report.microbatches)
+
+
+def rows_text(report: Report) -> str:
+  at_once = f"{rows_per_chip(report):g} seq/shard"
+  return at_once + (f" x {report.microbatches} microbatches" if report.microbatches > 1 else "")
 
 
 def advice(report: Report, cfg) -> str:
@@ -214,8 +235,8 @@ def advice(report: Report, cfg) -> str:
   if state > hbm / 2:
     return "state: shard params and optimizer state over more chips (mesh.fsdp, or a larger topology)"
   if rows_per_chip(report) > 1:
-    return (f"activations: {rows_per_chip(report):g} sequences per chip; fewer (train.batch_size, or more "
-            "data-parallel chips)")
+    return (f"activations: {rows_per_chip(report):g} sequences per data-parallel shard at once; accumulate "
+            "gradients over microbatches (train.per_device_batch=1), or use more data-parallel chips")
   return ("activations of one sequence exceed a chip: context parallelism (mesh.context > 1 splits the sequence "
           "over that many chips of a host), a chip with more HBM, or fewer loop steps per sequence")
 
@@ -239,7 +260,7 @@ def format_report(report: Report, cfg, config_name: str = "") -> str:
       f"loopjax pre-flight: {config_name or 'config'} on {r.topology.name} ({chip.kind}, {r.devices} chips, "
       f"{r.hosts} host{'s' if r.hosts > 1 else ''})",
       f"  model            {cfg.model.kind}, {r.params:,} params, L={r.num_layers} x T={r.loop_steps}, "
-      f"seq {r.seq_len}, global batch {r.global_batch} ({r.global_batch / r.devices:g} per chip), "
+      f"seq {r.seq_len}, global batch {r.global_batch} ({rows_text(r)}), "
       f"{cfg.model.compute_dtype} compute, remat {cfg.model.remat}",
       f"  mesh             {mesh_text(r.mesh)}",
       f"  attention        {r.attention} (model.attention={cfg.model.attention}; splash kernel in the program: "
@@ -261,6 +282,8 @@ def format_report(report: Report, cfg, config_name: str = "") -> str:
         f"({100 * r.total_bytes / chip.hbm_bytes:.1f}%)",
         f"  fits             {'yes' if r.fits else 'NO'}",
     ]
+    if r.account:
+      lines.append(memory_account.format_account(r.account))
   if not r.fits:
     lines.append(f"  fix              Fix: {advice(r, cfg)}")
   lines += [
@@ -288,25 +311,27 @@ def format_phase_line(name: str, report: Report, cfg) -> str:
   """One recipe phase: seq, sequences per chip, mesh, attention, memory per chip, fits (and the lever)."""
   memory = (f"{_size(report.total_bytes).strip():>10} of {report.topology.chip.hbm_bytes / GIB:.0f} GiB"
             if report.total_bytes is not None else "XLA refused (out of memory)")
-  line = (f"  phase {name:<6} seq {report.seq_len:>6}  {rows_per_chip(report):g} seq/chip  mesh {mesh_text(report.mesh)}"
+  line = (f"  phase {name:<6} seq {report.seq_len:>6}  {rows_text(report)}  mesh {mesh_text(report.mesh)}"
           f"  attention {report.attention:<7}  {memory}  fits {'yes' if report.fits else 'NO'}  "
           f"(compile {report.compile_seconds:.0f} s)")
+  if report.account:
+    line += "\n" + "\n".join("    " + row for row in memory_account.format_account(report.account).splitlines())
   return line if report.fits else f"{line}\n      Fix: {advice(report, cfg)}"
 
 
-def main(cfg, topology_name: str, config_name: str = "", phase: str | None = None) -> int:
+def main(cfg, topology_name: str, config_name: str = "", phase: str | None = None, explain: bool = False) -> int:
   """`loopjax compile`: prints the report (a recipe: one line per phase); 0 if every step fits the chip's
   HBM, 1 if not."""
   topology = parse_topology(topology_name)
   if not cfg.phases:
-    report = run(cfg, topology)
+    report = run(cfg, topology, explain)
     print(format_report(report, cfg, config_name), flush=True)
     return 0 if report.fits else 1
   print(f"loopjax pre-flight: recipe {config_name or 'config'} on {topology.name} ({topology.chip.kind}, "
         f"{topology.chips} chips)", flush=True)
   fits = True
   for name, phase_cfg in phase_configs(cfg, topology.chips, phase):
-    report = run(phase_cfg, topology)
+    report = run(phase_cfg, topology, explain)
     print(format_phase_line(name, report, phase_cfg), flush=True)
     fits &= report.fits
   return 0 if fits else 1

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "context", "tensor")
@@ -55,7 +56,23 @@ def make_mesh(shape: Sequence[int], devices=None) -> Mesh:
     raise ValueError(f"mesh shape {tuple(shape)} needs one size per axis {MESH_AXES}")
   if int(np.prod(shape)) != len(devices):
     raise ValueError(f"mesh shape {tuple(shape)} needs {int(np.prod(shape))} devices, have {len(devices)}")
-  return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+  axis_types = (AxisType.Auto,) * len(MESH_AXES)
+  try:
+    return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=axis_types, devices=devices)
+  except NotImplementedError:
+    # A TPU torus whose axes no product of mesh sizes matches (fsdp=32 x context=2 on 4x4x4): split a
+    # physical axis, as MaxText's allow_split_physical_axes does; the ICI ring of the split axis is shared.
+    grid = mesh_utils.create_device_mesh(tuple(shape), devices, allow_split_physical_axes=True)
+    return Mesh(grid, MESH_AXES, axis_types=axis_types)
+
+
+def process_major_mesh(shape: Sequence[int], devices) -> Mesh:
+  """A mesh whose devices are ordered by process, then device id: the inner axes (context, tensor) then
+  group the devices of one host. For a context group that the torus-aware layout of `make_mesh` spreads
+  over hosts (context=4 on v5p, whose hosts hold 2x2 chips), since each process feeds whole rows."""
+  ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
+  grid = np.asarray(ordered, dtype=object).reshape(tuple(shape))
+  return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 def logical_to_spec(logical_axes: Sequence[str | None] | None) -> P:

@@ -134,12 +134,65 @@ class Staged:
       shutil.rmtree(self.local, ignore_errors=True)
 
 
-def _copy_tree(source: epath.Path, target: epath.Path):
-  for path in source.iterdir():
+def checkpoints_dir(path) -> epath.Path:
+  """A run's workdir or its checkpoints directory -> the checkpoints directory (local or gs://)."""
+  path = run_path(path)
+  inner = path / "checkpoints"
+  return inner if inner.is_dir() else path
+
+
+def kvstore_url(directory) -> str:
+  """The tensorstore kvstore URL of `directory`: file:///abs/ locally, gs://bucket/prefix/ on a bucket
+  (tensorstore's gcs driver, which honours TENSORSTORE_GCS_HTTP_URL as Orbax's own writes do)."""
+  path = os.fspath(run_path(directory))
+  return (path if is_remote(path) else f"file://{path}").rstrip("/") + "/"
+
+
+COMMIT_FILE = "commit_success.txt"
+
+
+def is_finished_step(path: epath.Path) -> bool:
+  """Whether checkpoint step directory `path` holds a finished save. Locally a finished step is one
+  Orbax renamed into place (its name is the step); on a bucket, with no rename, Orbax writes the step
+  in place and its commit_success.txt last, so a name alone may be a save in flight or killed."""
+  return path.name.isdigit() and (not is_remote(path) or (path / COMMIT_FILE).exists())
+
+
+def files_under(root: epath.Path, prefix: str = ""):
+  """The relative paths ("a/b/c") of every file under `root`, walked with iterdir (epath's walk drops
+  the gs:// of the paths it yields)."""
+  for path in sorted(root.iterdir()):
+    rel = f"{prefix}{path.name}"
     if path.is_dir():
-      _copy_tree(path, target / path.name)
+      yield from files_under(path, rel + "/")
     else:
-      (target / path.name).write_bytes(path.read_bytes())
+      yield rel
+
+
+def copy_file(source, target):
+  """Streams one file between any two of local disk and a bucket, 16 MiB at a time (a safetensors
+  shard is GBs: never whole in memory)."""
+  source, target = epath.Path(source), epath.Path(target)
+  if not is_remote(target):
+    target.parent.mkdir(parents=True, exist_ok=True)
+  with source.open("rb") as f, target.open("wb") as g:
+    shutil.copyfileobj(f, g, 16 * 2**20)
+
+
+def copy_tree(source, target, skip=()):
+  """Copies every file under `source` to the same relative path under `target` but those in `skip`."""
+  source, target = epath.Path(source), epath.Path(target)
+  for rel in files_under(source):
+    if rel not in skip:
+      copy_file(source / rel, target / rel)
+
+
+def forget_listings(path):
+  """Drops epath's cached bucket listings (gcsfs caches them per process): after another process moved
+  or removed objects, this one would otherwise go on seeing them."""
+  if is_remote(path):
+    from etils.epath import backend
+    backend.fsspec_backend.fs(os.fspath(path)).invalidate_cache()
 
 
 def move(source: epath.Path, target: epath.Path):
@@ -148,5 +201,5 @@ def move(source: epath.Path, target: epath.Path):
   if not is_remote(source):
     shutil.move(os.fspath(source), os.fspath(target))
     return
-  _copy_tree(source, target)
+  copy_tree(source, target)
   source.rmtree()

@@ -18,20 +18,21 @@ one is the old one plus the duplicated layers' sums, computed from the layers as
 the first restore of the result verifies it end to end.
 
 The output appears atomically: it is written under an Orbax-style temporary name and renamed once
-complete, so a killed upscale leaves nothing that looks like a checkpoint.
+complete, so a killed upscale leaves nothing that looks like a checkpoint. Either side may be on gs://
+(tensorstore's gcs driver, epath for the JSON files). A bucket has no rename: there the step is written
+in place and its commit_success.txt last, which is how Orbax itself marks a finished save on a bucket
+(a killed upscale leaves a step without it, which Orbax and `loopjax checkpoints` call unfinished).
 """
 
 import ast
 import itertools
 import json
-import os
-import shutil
 import time
 
 import numpy as np
 import tensorstore as ts
 
-from loopjax import upscale
+from loopjax import storage, upscale
 from loopjax.checkpoint import ARRAY_ITEMS, CheckpointError
 from loopjax.checkpoint_files import bits_sum, kvstore, open_array, pick_step
 from loopjax.model import model_kind
@@ -116,22 +117,15 @@ class _ItemWriter:
 
   def _copy_metadata_files(self):
     """Orbax's JSON files, with the write shapes of the layer arrays changed to their new chunks."""
-    for root, _, files in os.walk(self.src):
-      rel = os.path.relpath(root, self.src)
-      if rel == "d" or rel.startswith("ocdbt.process_") or rel.startswith("d" + os.sep):
+    src, dst = storage.run_path(self.src), storage.run_path(self.dst)
+    for rel in storage.files_under(src):
+      parts = rel.split("/")
+      if parts[0] == "d" or parts[0].startswith("ocdbt.process_") or parts[-1] == "manifest.ocdbt":
         continue  # OCDBT data and manifests: written by tensorstore above
-      for f in files:
-        if f == "manifest.ocdbt":
-          continue
-        src, dst = os.path.join(root, f), os.path.join(self.dst, rel, f)
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        if f == "_METADATA" or rel.startswith("array_metadatas"):
-          with open(src) as fh:
-            text = json.load(fh)
-          with open(dst, "w") as fh:
-            json.dump(self._with_new_write_shapes(text), fh)
-        else:
-          shutil.copy2(src, dst)
+      if parts[-1] == "_METADATA" or parts[0] == "array_metadatas":
+        _write_text(dst / rel, json.dumps(self._with_new_write_shapes(json.loads((src / rel).read_text()))))
+      else:
+        storage.copy_file(src / rel, dst / rel)
 
   def _with_new_write_shapes(self, obj):
     if isinstance(obj, dict):
@@ -160,36 +154,43 @@ def upscale_checkpoint(src_dir: str, dst_dir: str, *, layers: int, mapping="inte
   if moments not in upscale.MOMENTS:
     raise upscale.UpscaleError(f"moments={moments!r} is not one of {upscale.MOMENTS}")
   step = pick_step(src_dir, step, "--from")
-  src = os.path.join(os.path.abspath(src_dir), str(step))
-  final = os.path.join(os.path.abspath(dst_dir), str(step))
-  if os.path.exists(final):
+  src = storage.run_path(src_dir) / str(step)
+  final = storage.run_path(dst_dir) / str(step)
+  if final.exists():
     raise CheckpointError(f"{final} exists. Fix: choose an empty --to directory")
-  with open(os.path.join(src, "meta", "metadata")) as f:
-    meta = json.load(f)
+  meta = json.loads((src / "meta" / "metadata").read_text())
   model = meta["config"]["model"]
   old_layers, stack_key = model["num_layers"], model_kind(model["kind"]).stack_key
   index = upscale.layer_index(old_layers, layers, mapping)
-  tmp = f"{final}.orbax-checkpoint-tmp-{time.time_ns()}"
-  os.makedirs(tmp)
+  remote = storage.is_remote(final)
+  tmp = final if remote else final.parent / f"{step}.orbax-checkpoint-tmp-{time.time_ns()}"
+  if not remote:
+    tmp.mkdir(parents=True)
   checksums = dict(meta["checksums"])
-  for item in sorted(os.listdir(src)):
+  for item in sorted(p.name for p in src.iterdir()):
     if item in ARRAY_ITEMS:
-      writer = _ItemWriter(os.path.join(src, item), os.path.join(tmp, item), index, stack_key,
+      writer = _ItemWriter(str(src / item), str(tmp / item), index, stack_key,
                            zero=item == "opt_state" and moments == "reset")
       checksums[item] = writer.run(checksums[item])
-    elif item != "meta":
-      copy = shutil.copytree if os.path.isdir(os.path.join(src, item)) else shutil.copy2
-      copy(os.path.join(src, item), os.path.join(tmp, item))
-  shutil.copytree(os.path.join(src, "meta"), os.path.join(tmp, "meta"))
+    elif item not in ("meta", storage.COMMIT_FILE):
+      storage.copy_tree(src / item, tmp / item) if (src / item).is_dir() else storage.copy_file(src / item, tmp / item)
+  storage.copy_tree(src / "meta", tmp / "meta")
   meta["config"]["model"]["num_layers"] = layers
   for item_shapes in meta.get("shapes", {}).values():  # "(L, ...) dtype" per leaf, checked on restore
     for name, text in item_shapes.items():
       if upscale.is_layer_array(name.split("."), stack_key):
         shape, dtype = text.rsplit(" ", 1)
         item_shapes[name] = f"{(layers, *ast.literal_eval(shape)[1:])} {dtype}"
-  meta.update(checksums=checksums, upscaled_from={"checkpoint": src, "layers": old_layers,
+  meta.update(checksums=checksums, upscaled_from={"checkpoint": str(src), "layers": old_layers,
                                                   "index": index.tolist(), "moments": moments})
-  with open(os.path.join(tmp, "meta", "metadata"), "w") as f:
-    json.dump(meta, f)
-  os.rename(tmp, final)
-  return {"step": step, "from_layers": old_layers, "to_layers": layers, "path": final}
+  (tmp / "meta" / "metadata").write_text(json.dumps(meta))
+  (tmp / storage.COMMIT_FILE).write_text(f"Checkpoint commit was successful to {final}")  # last: see above
+  if not remote:
+    tmp.rename(final)
+  return {"step": step, "from_layers": old_layers, "to_layers": layers, "path": str(final)}
+
+
+def _write_text(path, text: str):
+  if not storage.is_remote(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(text)

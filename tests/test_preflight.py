@@ -124,3 +124,46 @@ def test_long_sequences_compile_splash_attention_with_linear_memory():
   for report in (short, long):
     assert _field(report, "attention").startswith("splash (model.attention=auto; splash kernel in the program: yes")
   assert _mib(_field(long, "total")) < 2.5 * _mib(_field(short, "total")), (short, long)
+
+
+@needs_libtpu
+def test_explain_accounts_for_the_temporaries_and_microbatches_shrink_them():
+  """--explain splits the temporaries by what they hold, summing to memory_analysis' figure; with 2
+  microbatches of 1 row per chip, the saved layer inputs are T x L x 1 x S x D float32 exactly."""
+  T, L, S, D = 4, 2, 2048, 512  # every dimension distinct (vocab 384, mlp 1024), so shapes say what they hold
+  code, report = _compile("--topology", "v5e:2x2", *SMALL, "--config.model.vocab_size=384", f"--config.model.num_layers={L}",
+                          f"--config.model.loop_steps={T}", f"--config.train.seq_len={S}", "--config.train.batch_size=8",
+                          "--config.train.per_device_batch=1", "--explain")
+  assert code == 0, report
+  assert "global batch 8 (1 seq/shard x 2 microbatches)" in report
+  rows = dict(re.findall(r"^  (\S[\w' ()-]+?)\s+(-?[\d.]+ [MG]iB)\s+[-\d.]+%$", report, re.MULTILINE))
+  assert _mib(rows["saved layer inputs"]) == pytest.approx(T * L * S * D * 4 / 2**20, abs=0.01), report
+  assert sum(map(_mib, rows.values())) == pytest.approx(_mib(_field(report, "temporaries")), abs=0.05), report
+
+
+@needs_libtpu
+def test_context_groups_stay_within_a_host_of_a_pod():
+  """v5p hosts hold 2 x 2 chips: context 4 over a 4x4x4 torus is laid out host by host (each process
+  feeds whole rows), context 2 keeps the torus-aware layout, and context 8 cannot fit a host."""
+  script = """
+import sys
+from loopjax.config import ConfigError, load_config_file
+from loopjax.preflight import parse_topology, topology_devices
+from loopjax.train.trainer import make_mesh
+devices = topology_devices(parse_topology("v5p-128"))
+for context in (2, 4, 8):
+  cfg = load_config_file("configs/smoke.py")
+  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.context, cfg.train.batch_size = 1, 64 // context, context, 64 // context
+  try:
+    mesh = make_mesh(cfg, devices)
+  except ConfigError as e:
+    print(context, "error", str(e).split(":")[0])
+    continue
+  groups = mesh.devices.reshape(-1, context)  # context is the 3rd of 4 axes, tensor = 1
+  print(context, "hosts per group", max(len({d.process_index for d in g}) for g in groups), len(groups))
+"""
+  proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,
+                        env=dict(os.environ, JAX_PLATFORMS=""))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  lines = proc.stdout.splitlines()
+  assert lines == ["2 hosts per group 1 32", "4 hosts per group 1 16", "8 error config.mesh.context"], proc.stdout

@@ -12,8 +12,10 @@ def add_arguments(parser):
   config_args.add_arguments(parser)
   parser.add_argument("--topology", required=True, help="TPU topology, e.g. v5p:4x4x4 or v5p-128")
   parser.add_argument("--phase", default=None, help="a recipe's phase to pre-flight (default: all of them)")
+  parser.add_argument("--explain", action="store_true",
+                      help="also account for the temporaries by what they hold (from XLA's buffer assignment)")
 
 
 def run(args) -> int:
   from loopjax.preflight import main as preflight
-  return preflight(args.config, args.topology, args.config_file, args.phase)
+  return preflight(args.config, args.topology, args.config_file, args.phase, args.explain)

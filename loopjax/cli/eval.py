@@ -1,12 +1,12 @@
 """Evaluate a checkpoint at one or more loop counts: loopjax eval --checkpoint WORKDIR [--data X].
 
 Uses the run's own saved config; --data and --loop_steps replace its eval.source and eval.loop_steps.
+The checkpoint and --output may be local or gs:// (a line is appended to an object by rewriting it).
 With --generate, a synthetic task's answers are generated greedily with Q-exit instead (exact match vs
 the mean loop steps run, q = 0.1..0.9 and full depth), and the curve is appended to metrics.jsonl.
 """
 
 import json
-import os
 
 from loopjax.cli import runtime
 
@@ -28,27 +28,24 @@ def add_arguments(parser):
 def run(args) -> int:
   import jax
 
-  from loopjax import evaluation
+  from loopjax import evaluation, storage
   runtime.enable_compile_cache(args.compile_cache)
   if args.generate:
     return run_generate(args)
   runtime.allow_grain_workers()
-  path = args.checkpoint
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    path = os.path.join(path, "checkpoints")
+  path = str(storage.checkpoints_dir(args.checkpoint))
   step, results = evaluation.evaluate_checkpoint(path, step=args.step, source=args.data,
                                                  loop_steps=args.loop_steps)
   if jax.process_index() == 0:
     print(f"checkpoint step {step} in {path}\n{evaluation.format_table(results)}")
     if args.output:
-      with open(args.output, "a") as f:
-        f.write(json.dumps({"step": step, **results}) + "\n")
+      storage.append_line(storage.run_path(args.output), json.dumps({"step": step, **results}) + "\n")
   return 0
 
 
 def run_generate(args) -> int:
   """`--generate`: the exact-match vs depth curve of greedy decoding, printed and appended to metrics.jsonl."""
-  from loopjax import evaluation
+  from loopjax import evaluation, storage
   from loopjax.infer import eval_generate, load
   source = load.from_checkpoint(args.checkpoint, args.step)
   cfg = source.run_config
@@ -57,7 +54,7 @@ def run_generate(args) -> int:
   results = eval_generate.evaluate(source, cfg, evaluation.eval_loop_steps(cfg), args.questions)
   print(f"checkpoint step {source.step} in {args.checkpoint}\n{eval_generate.format_table(results)}")
   line = json.dumps({"step": source.step, **results}) + "\n"
-  for path in [os.path.join(source.workdir, "metrics.jsonl")] + ([args.output] if args.output else []):
-    with open(path, "a") as f:
-      f.write(line)
+  targets = [storage.run_path(source.workdir) / "metrics.jsonl"] + ([storage.run_path(args.output)] if args.output else [])
+  for path in targets:
+    storage.append_line(path, line)
   return 0

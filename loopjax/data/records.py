@@ -13,6 +13,9 @@ import os
 
 import grain
 import numpy as np
+from etils import epath
+
+from loopjax import storage
 
 MANIFEST = "manifest.json"
 FORMAT = "loopjax-tokens-v1"
@@ -51,25 +54,33 @@ def write_json_atomic(path: str, obj) -> None:
 
 
 def read_manifest(corpus_dir: str) -> dict:
-  """The manifest of a prepared corpus, or a CorpusError saying what is wrong and what to run."""
-  if not os.path.isdir(corpus_dir):
+  """The manifest of a prepared corpus, or a CorpusError saying what is wrong and what to run.
+
+  `corpus_dir` may be a gs:// prefix: the manifest is read through epath (gcsfs) and the shards by
+  ArrayRecord's own GCS reader (see `corpus_documents`).
+  """
+  kind = storage.scheme(corpus_dir)
+  if kind and kind not in storage.REMOTE_SCHEMES:
+    raise CorpusError(f"{corpus_dir!r}: the {kind}:// scheme is not supported",
+                      "use a local directory, a mount (e.g. gcsfuse) or a gs:// prefix")
+  root = epath.Path(corpus_dir)
+  if not root.is_dir():
     raise CorpusError(f"{corpus_dir!r} is neither a directory nor a built-in task",
                       "give the output directory of `loopjax prepare`, or a task: mano, multihop, capo")
-  path = os.path.join(corpus_dir, MANIFEST)
-  if not os.path.exists(path):
+  path = root / MANIFEST
+  if not path.exists():
     raise CorpusError(f"{path} does not exist: {corpus_dir!r} is not a finished prepared corpus "
                       "(prepare may have been interrupted)", "run `loopjax prepare` into it again")
   try:
-    with open(path) as f:
-      manifest = json.load(f)
+    manifest = json.loads(path.read_text())
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise CorpusError(f"{path} is not valid JSON ({e})", "re-run `loopjax prepare`") from e
   if manifest.get("format") != FORMAT:
     raise CorpusError(f"{path} has format {manifest.get('format')!r}, expected {FORMAT!r}",
                       "re-run `loopjax prepare` with this version of loopjax")
   for shard in manifest["shards"]:
-    shard_path = os.path.join(corpus_dir, shard["path"])
-    if not os.path.exists(shard_path) or os.path.getsize(shard_path) != shard["bytes"]:
+    shard_path = root / shard["path"]
+    if not shard_path.exists() or shard_path.stat().length != shard["bytes"]:
       raise CorpusError(f"shard {shard_path} is missing or has the wrong size",
                         "re-run `loopjax prepare` into the same directory to rebuild it")
   if manifest["documents"] == 0:
@@ -82,7 +93,12 @@ def _decode(record: bytes, dtype: np.dtype) -> dict:
 
 
 def corpus_documents(corpus_dir: str) -> grain.MapDataset:
-  """A MapDataset of {"tokens": int32[n]} over all shards of a prepared corpus, in manifest order."""
+  """A MapDataset of {"tokens": int32[n]} over all shards of a prepared corpus, in manifest order.
+
+  gs:// shards are read by ArrayRecord's built-in GCS reader (riegeli's GcsReader, google-cloud-cpp:
+  Application Default Credentials; an emulator through CLOUD_STORAGE_EMULATOR_ENDPOINT), one ranged
+  read per record.
+  """
   manifest = read_manifest(corpus_dir)
   paths = [os.path.join(corpus_dir, s["path"]) for s in manifest["shards"] if s["documents"]]
   dtype = np.dtype(manifest["dtype"])

@@ -12,19 +12,24 @@ it is converted, so host memory holds about one chunk whatever the model size. T
 checksum (a sum, see `loopjax.checkpoint`) is recomputed from what was read and must match.
 
 Nothing appears under the output name until the export is complete: it is written to a temporary
-directory beside it and renamed; a failure removes the temporary directory.
+directory beside it and renamed; a failure removes the temporary directory. The checkpoint may be on
+gs:// (tensorstore reads it there). So may the output: a bucket has no rename, so the export is
+written to a local temporary directory and then uploaded, config.json last, since a loader reads it
+first: a prefix without config.json is an upload that did not finish.
 """
 
 import itertools
 import json
 import os
 import shutil
+import tempfile
 import time
 
 import jax.numpy as jnp
 import numpy as np
 import tensorstore as ts
 
+from loopjax import storage
 from loopjax.checkpoint import CheckpointError, read_meta
 from loopjax.checkpoint_files import bits_sum, checkpoints_dir, open_array, pick_step
 from loopjax.config import config_from_dict
@@ -55,9 +60,12 @@ def export_checkpoint(checkpoint: str, output: str, *, step: int | None = None, 
   ids = card.special_ids(cfg, tokenizer)
   entries = [Entry(p.name, np.dtype(jnp.dtype(dtype)), p.shape) for p in plan]
   files = split_files(entries, max_shard_bytes)
-  output = os.path.abspath(output)
-  tmp = f"{output}.tmp-{os.getpid()}-{time.time_ns()}"
-  os.makedirs(tmp)
+  output = os.fspath(storage.run_path(output))
+  if storage.is_remote(output):
+    tmp = tempfile.mkdtemp(prefix="loopjax-export-")
+  else:
+    tmp = f"{output}.tmp-{os.getpid()}-{time.time_ns()}"
+    os.makedirs(tmp)
   try:
     sums = []
     arrays = _hf_tensors(os.path.join(directory, str(step), "params"), plan, cfg.model, entries[0].dtype, sums)
@@ -109,15 +117,25 @@ def _hf_tensors(params_dir: str, plan, m, dtype: np.dtype, sums: list):
 
 
 def _check_output(output: str, overwrite: bool):
-  if os.path.isfile(output):
+  path = storage.run_path(output)
+  if path.is_file():
     raise HFError(f"--output {output} is a file. Fix: give a directory path")
-  if os.path.isdir(output) and os.listdir(output) and not overwrite:
+  if path.is_dir() and any(True for _ in path.iterdir()) and not overwrite:
     raise HFError(f"--output {output} exists and is not empty. Fix: choose a new directory, or pass --overwrite "
                   "to replace it")
 
 
 def _publish(tmp: str, output: str):
-  """Renames the finished export into place; an existing `output` is moved aside first, then removed."""
+  """Renames the finished export into place; an existing `output` is moved aside first, then removed.
+  On a bucket: the old objects are removed, the files uploaded, config.json last; `tmp` is removed."""
+  if storage.is_remote(output):
+    target = storage.run_path(output)
+    if target.exists():
+      target.rmtree()
+    storage.copy_tree(tmp, target, skip=(CONFIG,))
+    storage.copy_file(os.path.join(tmp, CONFIG), target / CONFIG)
+    shutil.rmtree(tmp)
+    return
   old = f"{output}.old-{time.time_ns()}" if os.path.exists(output) else None
   if old:
     os.rename(output, old)

@@ -44,9 +44,9 @@ def from_hf(path: str, tokenizer: str = "") -> Source:
 
 
 def checkpoints_dir(path: str) -> str:
-  """A run's workdir or its checkpoints directory -> the checkpoints directory."""
-  inner = os.path.join(path, "checkpoints")
-  return inner if os.path.isdir(inner) else path
+  """A run's workdir or its checkpoints directory (local or gs://) -> the checkpoints directory."""
+  from loopjax import storage
+  return str(storage.checkpoints_dir(path))
 
 
 def run_tokenizer(cfg):
@@ -63,7 +63,7 @@ def from_checkpoint(path: str, step: int | None = None, tokenizer: str = "") -> 
   import numpy as np
   from flax import nnx
 
-  from loopjax import checkpoint
+  from loopjax import checkpoint, storage
   from loopjax.config import config_from_dict
   from loopjax.train.state import model_graph
   directory = checkpoints_dir(path)
@@ -75,4 +75,4 @@ def from_checkpoint(path: str, step: int | None = None, tokenizer: str = "") -> 
   params = checkpoint.restore_params(directory, step=step).items["params"]
   model = nnx.merge(model_graph(cfg.model)[0], jax.tree.map(np.asarray, params))
   return Source(model, int(cfg.train.seq_len), (), _tokenizer(tokenizer) or run_tokenizer(cfg), step,
-                os.path.dirname(os.path.abspath(directory)), cfg)
+                str(storage.run_path(directory).parent), cfg)

@@ -5,8 +5,10 @@ a 32K or 64K sequence does not fit a chip (issue 10). Here query block i visits 
 j * block_kv <= the block's last position (on or below the diagonal), keeping a running max, sum and
 output (online softmax), and returns the output with the rows' logsumexp. The backward pass
 (`jax.custom_vjp`) saves only (q, k, v, segment ids, out, logsumexp) and recomputes each block's
-probabilities from them, FlashAttention-2 style: one pass for dq over key blocks, one for dk/dv over
-query blocks, so no [S, S] array is saved or built. Softmax runs in at least float32.
+probabilities from them, FlashAttention-2 style, in one pass over the block pairs: each pair's
+probabilities and score gradients are computed once and give its share of dq, dk and dv (dq summed
+over key blocks in a carried buffer), so no [S, S] array is saved or built. Softmax runs in at least
+float32.
 
 Shapes: B batch, S sequence, N query heads, K kv heads, G = N / K, H head dim, Q / C one query / key
 block, n a block index.
@@ -104,26 +106,29 @@ def _backward(bq: int, bk: int, residuals, dout_BSNH):
   lse_nBKGQ, delta_nBKGQ, segq_nBQ = row_blocks(lse_BKGS), row_blocks(delta_BKGS), _blocks(seg_BS, bq)
   k_nBCKH, v_nBCKH, segk_nBC = _blocks(k_BSKH, bk), _blocks(v_BSKH, bk), _blocks(seg_BS, bk)
 
-  def terms(i, j):
-    return _grad_terms(q_nBQKGH[i], k_nBCKH[j], v_nBCKH[j], do_nBQKGH[i], lse_nBKGQ[i], delta_nBKGQ[i],
-                       segq_nBQ[i], segk_nBC[j], i, j, bq, bk)
+  def visit_pair(i, j, grads):
+    """Block pair (i, j): p and ds once, then their contributions to dq_i, dk_j and dv_j."""
+    dq_nBQKGH, dk_BCKH, dv_BCKH = grads
+    p_BKGQC, ds_BKGQC = _grad_terms(q_nBQKGH[i], k_nBCKH[j], v_nBCKH[j], do_nBQKGH[i], lse_nBKGQ[i],
+                                    delta_nBKGQ[i], segq_nBQ[i], segk_nBC[j], i, j, bq, bk)
+    dq_BQKGH = jnp.einsum("bkgqc,bckh->bqkgh", ds_BKGQC, k_nBCKH[j].astype(acc)) * scale
+    dk_BCKH = dk_BCKH + jnp.einsum("bkgqc,bqkgh->bckh", ds_BKGQC, q_nBQKGH[i].astype(acc)) * scale
+    dv_BCKH = dv_BCKH + jnp.einsum("bkgqc,bqkgh->bckh", p_BKGQC, do_nBQKGH[i].astype(acc))
+    return dq_nBQKGH.at[i].add(dq_BQKGH), dk_BCKH, dv_BCKH
 
-  def dq_block(i):
-    def visit(j, dq_BQKGH):
-      _, ds_BKGQC = terms(i, j)
-      return dq_BQKGH + jnp.einsum("bkgqc,bckh->bqkgh", ds_BKGQC, k_nBCKH[j].astype(acc)) * scale
-    return jax.lax.fori_loop(0, _kv_blocks_seen(i, bq, bk), visit, jnp.zeros((B, bq, K, G, H), acc))
-
-  def dkv_block(j):
-    def visit(i, dkv):
-      p_BKGQC, ds_BKGQC = terms(i, j)
-      dk = jnp.einsum("bkgqc,bqkgh->bckh", ds_BKGQC, q_nBQKGH[i].astype(acc)) * scale
-      return dkv[0] + dk, dkv[1] + jnp.einsum("bkgqc,bqkgh->bckh", p_BKGQC, do_nBQKGH[i].astype(acc))
+  def key_block(j, carry):
+    """Key block j against every query block that sees it; dq accumulates across key blocks."""
+    dq_nBQKGH, dk_nBCKH, dv_nBCKH = carry
     zeros = jnp.zeros((B, bk, K, H), acc)
-    return jax.lax.fori_loop((j * bk) // bq, S // bq, visit, (zeros, zeros))
+    dq_nBQKGH, dk_BCKH, dv_BCKH = jax.lax.fori_loop(
+        (j * bk) // bq, S // bq, lambda i, g: visit_pair(i, j, g), (dq_nBQKGH, zeros, zeros))
+    return dq_nBQKGH, dk_nBCKH.at[j].set(dk_BCKH), dv_nBCKH.at[j].set(dv_BCKH)
 
-  dq_BSNH = _unblocks(jax.lax.map(dq_block, jnp.arange(S // bq))).reshape(B, S, N, H)
-  dk_nBCKH, dv_nBCKH = jax.lax.map(dkv_block, jnp.arange(S // bk))
+  n_q, n_k = S // bq, S // bk
+  init = (jnp.zeros((n_q, B, bq, K, G, H), acc), jnp.zeros((n_k, B, bk, K, H), acc),
+          jnp.zeros((n_k, B, bk, K, H), acc))
+  dq_nBQKGH, dk_nBCKH, dv_nBCKH = jax.lax.fori_loop(0, n_k, key_block, init)
+  dq_BSNH = _unblocks(dq_nBQKGH).reshape(B, S, N, H)
   return (dq_BSNH.astype(q_BSNH.dtype), _unblocks(dk_nBCKH).astype(k_BSKH.dtype),
           _unblocks(dv_nBCKH).astype(v_BSKH.dtype), None)
 

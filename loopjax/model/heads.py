@@ -46,7 +46,8 @@ def _ce_backward(residuals, g_BS):
   d_BSV = dlogits_BSV * g_BS[..., None].astype(dlogits_BSV.dtype)
   dh_BSD = dense(d_BSV, kernel_DV.astype(d_BSV.dtype).T, 1).astype(h_BSD.dtype)
   rows = h_BSD.shape[0] * h_BSD.shape[1]
-  dkernel_DV = jnp.matmul(h_BSD.reshape(rows, -1).T, d_BSV.reshape(rows, -1), preferred_element_type=jnp.float32)
+  dkernel_DV = jnp.matmul(h_BSD.reshape(rows, -1).T, d_BSV.reshape(rows, -1),
+                         preferred_element_type=jnp.promote_types(h_BSD.dtype, jnp.float32))
   return dh_BSD, dkernel_DV.astype(kernel_DV.dtype), None
 
 

@@ -129,8 +129,7 @@ class Runner:
     self.cfg, self.workdir = cfg, workdir
     storage.check_run_dir(workdir)
     self.plan = check_run(cfg, jax.device_count())
-    self.mesh = make_mesh(cfg)
-    self._trainers = {}
+    self._meshes, self._trainers = {}, {}
 
   def stream(self, ph):
     first = ph.segments[0]
@@ -138,11 +137,18 @@ class Runner:
         first.cfg.data, seq_len=first.cfg.train.seq_len, global_batch=first.unit_rows,
         seed=self.cfg.train.seed + ph.index, process_index=jax.process_index(), process_count=jax.process_count())
 
+  def mesh(self, seg):
+    """The segment's mesh (a recipe's phases may each have their own), one Mesh object per shape."""
+    key = tuple(seg.cfg.mesh[axis] for axis in phases_lib.MESH_AXES)
+    if key not in self._meshes:
+      self._meshes[key] = make_mesh(seg.cfg)
+    return self._meshes[key]
+
   def trainer(self, seg) -> Trainer:
     key = (seg.start, seg.end)
     if key not in self._trainers:
       objective = self.plan[seg.phase_index].spec.objective
-      self._trainers[key] = build_trainer(seg.cfg, self.mesh, self.plan.schedule, objective, _with_facts)
+      self._trainers[key] = build_trainer(seg.cfg, self.mesh(seg), self.plan.schedule, objective, _with_facts)
     return self._trainers[key]
 
   def rows(self, seg, stream) -> _Rows:
@@ -206,8 +212,9 @@ class Runner:
     m = self.cfg.model
     log.info("%s model, %s params, L=%d x T=%d; mesh data=%d fsdp=%d context=%d tensor=%d over %d %s device(s); "
              "%d steps",
-             m.kind, f"{state_lib.count_params(m):,}", m.num_layers, m.loop_steps, *self.mesh.devices.shape,
-             jax.device_count(), jax.devices()[0].platform, self.plan.total_steps)
+             m.kind, f"{state_lib.count_params(m):,}", m.num_layers, m.loop_steps,
+             *self.mesh(self.plan[0].segments[0]).devices.shape, jax.device_count(), jax.devices()[0].platform,
+             self.plan.total_steps)
     keep = [ph.end for ph in self.plan] if len(self.plan) > 1 else []
     ckpt = make_checkpointer(self.cfg, self.workdir, keep_steps=keep)
     hooks, writer = [], None

@@ -21,8 +21,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from loopjax import exits
 from loopjax.model import weight_decay_mask
+from loopjax.train import microbatch
 from loopjax.train.optim import make_optimizer
-from loopjax.train.state import TrainState, model_graph
+from loopjax.train.state import TrainState, model_graph, param_specs
 from loopjax.train.step import model_losses
 
 GATE = "exit_gate"
@@ -65,18 +66,20 @@ def make_gate_step(cfg, gate_optimizer, schedule: optax.Schedule):
   """
   o = cfg.objective
   graphdef, _ = model_graph(cfg.model)
+  gate_specs = param_specs(cfg.model)[GATE]
 
   def gate_step(state: TrainState, batch: dict):
     frozen = {name: jax.lax.stop_gradient(value) for name, value in state.params.items() if name != GATE}
 
-    def loss_fn(gate_params):
+    def loss_fn(gate_params, batch):
       ce_TBS, gate_TBS = model_losses(graphdef, {**frozen, GATE: gate_params}, batch)
       loss = exits.stage2_gate_loss(ce_TBS, gate_TBS, batch["loss_mask"], k=o.gate_k, gamma=o.gate_gamma)
       _, metrics = exits.stage1_loss(ce_TBS, gate_TBS, batch["loss_mask"], beta=o.beta)
       return loss, metrics
 
     gate_params, gate_opt = state.params[GATE], state.opt_state["gate"]
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(gate_params)
+    n = microbatch.num_microbatches(batch["inputs"].shape[0], cfg.train.per_device_batch)
+    (loss, metrics), grads = microbatch.value_and_grad(loss_fn, gate_params, batch, n, gate_specs)
     grad_norm = optax.tree.norm(grads)
     updates, new_gate_opt = gate_optimizer.update(grads, gate_opt, gate_params)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -84,7 +87,8 @@ def make_gate_step(cfg, gate_optimizer, schedule: optax.Schedule):
     new_gate = jax.tree.map(keep_if_bad, optax.apply_updates(gate_params, updates), gate_params)
     new_gate_opt = jax.tree.map(keep_if_bad, new_gate_opt, gate_opt)
     metrics = dict(metrics, loss=loss, grad_norm=grad_norm, lr=schedule(state.step),
-                   tokens=jnp.sum(batch["loss_mask"]), nonfinite=1.0 - finite.astype(jnp.float32))
+                   tokens=jnp.sum(batch["loss_mask"]), nonfinite=1.0 - finite.astype(jnp.float32),
+                   microbatches=n)
     params = {**state.params, GATE: new_gate}
     return TrainState(state.step + 1, params, {"lm": state.opt_state["lm"], "gate": new_gate_opt}), metrics
 

@@ -13,7 +13,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from loopjax import exits, sharding
-from loopjax.train.state import TrainState, model_graph
+from loopjax.train import microbatch
+from loopjax.train.state import TrainState, model_graph, param_specs
 
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
@@ -44,16 +45,19 @@ def make_train_step(cfg, optimizer: optax.GradientTransformation, schedule: opta
   NaN guard: when the loss or the gradient norm is NaN/Inf the update is dropped (params and
   opt_state stay as they were, `step` still advances past the batch) and `metrics["nonfinite"]` is 1.
   One bad batch then cannot poison the weights, whatever `train.nan_policy` tells the loop to do.
-  `schedule` is the optimizer's LR schedule (logged as `lr`).
+  `schedule` is the optimizer's LR schedule (logged as `lr`). With `train.per_device_batch` the
+  gradient is accumulated over microbatches (`loopjax.train.microbatch`); the update is the same.
   """
   graphdef, _ = model_graph(cfg.model)
+  specs = param_specs(cfg.model)
+
+  def loss_fn(params, batch):
+    ce_TBS, gate_TBS = model_losses(graphdef, params, batch)
+    return stage1_objective(cfg, ce_TBS, gate_TBS, batch["loss_mask"])
 
   def train_step(state: TrainState, batch: dict):
-    def loss_fn(params):
-      ce_TBS, gate_TBS = model_losses(graphdef, params, batch)
-      return stage1_objective(cfg, ce_TBS, gate_TBS, batch["loss_mask"])
-
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    n = microbatch.num_microbatches(batch["inputs"].shape[0], cfg.train.per_device_batch)
+    (loss, metrics), grads = microbatch.value_and_grad(loss_fn, state.params, batch, n, specs)
     grad_norm = optax.tree.norm(grads)
     with jax.named_scope("optimizer"):
       updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -63,7 +67,8 @@ def make_train_step(cfg, optimizer: optax.GradientTransformation, schedule: opta
     params = jax.tree.map(keep_if_bad, params, state.params)
     opt_state = jax.tree.map(keep_if_bad, opt_state, state.opt_state)
     metrics = dict(metrics, loss=loss, grad_norm=grad_norm, lr=schedule(state.step),
-                   tokens=jnp.sum(batch["loss_mask"]), nonfinite=1.0 - finite.astype(jnp.float32))
+                   tokens=jnp.sum(batch["loss_mask"]), nonfinite=1.0 - finite.astype(jnp.float32),
+                   microbatches=n)
     return TrainState(state.step + 1, params, opt_state), metrics
 
   return train_step

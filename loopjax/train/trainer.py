@@ -65,16 +65,26 @@ class Trainer:
 
 def make_mesh(cfg, devices=None) -> Mesh:
   """The (data, fsdp, context, tensor) mesh `cfg.mesh` asks for over `devices` (default: all), after
-  `validate`; a context axis that would split a sequence over processes is a ConfigError."""
+  `validate`. A context group must lie within one process (each feeds whole rows): when the torus-aware
+  layout spreads one over hosts, the devices are ordered by process instead; if no order can keep it
+  within one process, that is a ConfigError."""
   devices = jax.devices() if devices is None else devices
-  mesh = sharding.make_mesh(config_lib.validate(cfg, len(devices)), devices=devices)
-  groups = np.moveaxis(mesh.devices, sharding.MESH_AXES.index("context"), -1).reshape(-1, mesh.shape["context"])
-  if any(len({d.process_index for d in group}) > 1 for group in groups):
+  shape = config_lib.validate(cfg, len(devices))
+  mesh = sharding.make_mesh(shape, devices=devices)
+  if _context_spans_processes(mesh):
+    mesh = sharding.process_major_mesh(shape, devices)
+  if _context_spans_processes(mesh):
     raise config_lib.ConfigError(
         f"config.mesh.context: {mesh.shape['context']} devices per sequence span several processes, but each "
         "process feeds whole rows of the batch. Fix: keep mesh.context within one host's devices "
-        f"({len(jax.local_devices())} here), and scale with mesh.data / mesh.fsdp across hosts.")
+        f"({sum(d.process_index == devices[0].process_index for d in devices)} here), and scale with mesh.data / "
+        "mesh.fsdp across hosts.")
   return mesh
+
+
+def _context_spans_processes(mesh: Mesh) -> bool:
+  groups = np.moveaxis(mesh.devices, sharding.MESH_AXES.index("context"), -1).reshape(-1, mesh.shape["context"])
+  return any(len({d.process_index for d in group}) > 1 for group in groups)
 
 
 def resolve_attention(cfg, platform: str):
