@@ -51,6 +51,10 @@ def default_config() -> ml_collections.ConfigDict:
   m.param_dtype = "float32"
   m.compute_dtype = "float32"
   m.remat = "full"  # one of REMAT_POLICIES, applied to each layer of the scanned stack
+  # lax.scan unroll factors of the layer scan and the loop-step scan: 1 keeps compile time flat in L and T;
+  # unrolling (e.g. both = L, T with remat none) makes small models faster on CPU (BENCHMARKS.md, issue 11).
+  m.layer_unroll = 1
+  m.loop_unroll = 1
   m.loss_chunk = 0  # >0: compute the LM head + CE in sequence chunks of this many tokens (when recomputed)
   # The LM head's backward: "save" keeps d CE / d logits ([T, B, S, V] in compute dtype) and skips the
   # recomputation; "recompute" rebuilds the logits (memory [B, S, D] per step); "auto" saves when it fits.
@@ -264,7 +268,7 @@ def validate(cfg, num_devices: int) -> tuple[int, int, int]:
   _check_choice(cfg, "optim.schedule", SCHEDULES)
   _check_choice(cfg, "objective.prior", PRIORS)
   for field in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                "mlp_dim", "loop_steps"):
+                "mlp_dim", "loop_steps", "layer_unroll", "loop_unroll"):
     if m[field] < 1:
       _fail(f"model.{field}", f"must be >= 1, got {m[field]}", f"set --config.model.{field} to a positive integer")
   if m.num_heads % m.num_kv_heads:

@@ -44,3 +44,21 @@ def compiled_dot_count(policy: str) -> int:
 @pytest.mark.parametrize("policy", sorted(RECOMPUTED))
 def test_remat_policy_recomputes_what_its_name_says(policy):
   assert compiled_dot_count(policy) == FORWARD_DOTS + BACKWARD_DOTS + RECOMPUTED[policy]
+
+
+def test_unrolled_scans_compute_the_same_loss_and_gradients():
+  """model.layer_unroll / loop_unroll change how XLA loops, not the math: float64, to 1e-12."""
+  from helpers import random_batch
+  from loopjax.train.step import objective
+  with jax.enable_x64(True):
+    results = []
+    for layer_unroll, loop_unroll in ((1, 1), (2, 3)):
+      cfg = tiny_config(param_dtype="float64", compute_dtype="float64", remat="none", layer_unroll=layer_unroll,
+                        loop_unroll=loop_unroll)
+      params = jax.tree.map(jnp.asarray, random_params(cfg.model))
+      batch = {k: jnp.asarray(v) for k, v in random_batch(cfg, num_docs=2).items()}
+      results.append(jax.value_and_grad(lambda p: objective(cfg, p, batch)[0])(params))
+  (loss_a, grads_a), (loss_b, grads_b) = results
+  np.testing.assert_allclose(float(loss_b), float(loss_a), rtol=1e-12)
+  for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-10, atol=1e-13)

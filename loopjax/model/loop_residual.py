@@ -92,12 +92,12 @@ class LoopResidualGPT2(LoopedModel):
       return layers.gpt2_layer(p, x, mask, eps=LN_EPS, dtype=cdt)
 
     def run(stack, x):
-      return x if stack is None else scan_layers(layer_fn, stack.stacked(), x, cfg.remat)
+      return x if stack is None else scan_layers(layer_fn, stack.stacked(), x, cfg.remat, cfg.layer_unroll)
 
     x_BSD = run(self.prelude, x_BSD)
     block = self.block.stacked()
-    x_BSD, _ = jax.lax.scan(lambda x, _: (scan_layers(layer_fn, block, x, cfg.remat), None), x_BSD,
-                            length=loop_steps or cfg.loop_steps)
+    x_BSD, _ = jax.lax.scan(lambda x, _: (scan_layers(layer_fn, block, x, cfg.remat, cfg.layer_unroll), None),
+                            x_BSD, length=loop_steps or cfg.loop_steps, unroll=cfg.loop_unroll)
     h_BSD = layers.layer_norm(run(self.coda, x_BSD), self.ln_f_scale[...], self.ln_f_bias[...], LN_EPS)
     out = jax.tree.map(lambda y: y[None], read_out(h_BSD, self.head_kernel()))
     return out, jnp.zeros((1, *tokens_BS.shape), jnp.promote_types(cdt, jnp.float32))

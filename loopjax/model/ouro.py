@@ -61,6 +61,7 @@ class LoopContext(NamedTuple):
   eps: float
   remat: str
   dtype: Any
+  layer_unroll: int = 1  # model.layer_unroll
 
 
 def loop_step(parts: LoopParts, h_BSD: jax.Array, context: LoopContext) -> tuple[jax.Array, jax.Array]:
@@ -72,7 +73,7 @@ def loop_step(parts: LoopParts, h_BSD: jax.Array, context: LoopContext) -> tuple
     return layers.sandwich_layer(p, x_BSD, context.cos_BSH, context.sin_BSH, context.mask,
                                  eps=context.eps, dtype=context.dtype)
 
-  h_BSD = scan_layers(layer_fn, parts.stack, h_BSD, context.remat)
+  h_BSD = scan_layers(layer_fn, parts.stack, h_BSD, context.remat, context.layer_unroll)
   h_BSD = layers.rms_norm(h_BSD, parts.final_norm_D, context.eps)
   return h_BSD, gate_logits(h_BSD, parts.gate_kernel_D, parts.gate_bias)
 
@@ -107,7 +108,7 @@ class LoopLM(LoopedModel):
       positions_BS = jnp.broadcast_to(jnp.arange(tokens_BS.shape[1]), tokens_BS.shape)
     cos_BSH, sin_BSH = layers.rope_tables(positions_BS, cfg.head_dim, cfg.rope_base, dtype)
     return LoopContext(cos_BSH, sin_BSH, attention.model_mask(cfg, segment_ids_BS), cfg.norm_eps, cfg.remat,
-                       dtype)
+                       dtype, cfg.layer_unroll)
 
   def run_loop(self, tokens_BS, read_out, *, segment_ids_BS=None, positions_BS=None,
                loop_steps: int | None = None):
@@ -121,7 +122,8 @@ class LoopLM(LoopedModel):
       h_BSD, gate_BS = loop_step(parts, h_BSD, context)
       return h_BSD, (read_out(h_BSD, kernel_DV), gate_BS)
 
-    _, (per_step, gate_logits_TBS) = jax.lax.scan(body, h_BSD, length=loop_steps or self.cfg.loop_steps)
+    _, (per_step, gate_logits_TBS) = jax.lax.scan(body, h_BSD, length=loop_steps or self.cfg.loop_steps,
+                                                  unroll=self.cfg.loop_unroll)
     return per_step, gate_logits_TBS
 
 

@@ -75,11 +75,12 @@ def remat(fn, policy: str):
   return jax.checkpoint(fn, policy=REMAT_POLICIES[policy], prevent_cse=False)
 
 
-def scan_layers(layer_fn, stacked_params: dict, x_BSD: jax.Array, remat_policy: str) -> jax.Array:
+def scan_layers(layer_fn, stacked_params: dict, x_BSD: jax.Array, remat_policy: str, unroll: int = 1) -> jax.Array:
   """Apply `layer_fn(params_l, x)` for each slice l of the stacked [L, ...] params with one scan.
 
-  Scanning keeps the compiled program the size of one layer whatever L is.
+  Scanning keeps the compiled program the size of one layer whatever L is. `unroll` > 1 (model.layer_unroll)
+  trades that for speed where the saved activations' stacking costs more than it saves (small models on CPU).
   """
   body = remat(lambda x, p: (layer_fn(p, x), None), remat_policy)
-  x_BSD, _ = jax.lax.scan(body, x_BSD, stacked_params)
+  x_BSD, _ = jax.lax.scan(body, x_BSD, stacked_params, unroll=unroll)
   return x_BSD
