@@ -65,6 +65,7 @@ def test_float64_accumulation_equals_one_pass(objective):
   assert _max_relative_difference(whole_state.params, micro_state.params) <= 1e-12
 
 
+@pytest.mark.slow
 def test_sharded_accumulation_equals_one_device():
   """(data=2, fsdp=2, tensor=2), one row per shard per microbatch (2 microbatches) vs 1 device, whole batch."""
   whole_state, whole = _step(_config(0), sharding.make_mesh((1, 1, 1, 1), jax.devices()[:1]))

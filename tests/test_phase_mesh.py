@@ -51,6 +51,7 @@ def runs(tmp_path_factory):
   return same, moved
 
 
+@pytest.mark.slow
 def test_phase_on_another_mesh_with_microbatches_trains_the_same_model(runs):
   same, moved = runs
   assert len(_losses(same)) == 4

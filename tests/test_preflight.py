@@ -126,6 +126,7 @@ def test_long_sequences_compile_splash_attention_with_linear_memory():
   assert _mib(_field(long, "total")) < 2.5 * _mib(_field(short, "total")), (short, long)
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_explain_accounts_for_the_temporaries_and_microbatches_shrink_them():
   """--explain splits the temporaries by what they hold, summing to memory_analysis' figure; with 2
