@@ -15,11 +15,6 @@ from loopjax import storage
 from loopjax.checkpoint import CheckpointError
 
 
-def checkpoints_dir(path: str) -> str:
-  """A run's workdir or its checkpoints directory -> the checkpoints directory."""
-  return str(storage.checkpoints_dir(path))
-
-
 def complete_steps(directory: str) -> list[int]:
   """The steps with a complete checkpoint in `directory` (a run's WORKDIR/checkpoints), ascending."""
   path = storage.run_path(directory)

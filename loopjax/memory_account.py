@@ -30,7 +30,7 @@ import tempfile
 CATEGORIES = ("saved layer inputs", "one step's layers", "per-step states", "LM head and CE", "layer weights",
               "layer activations", "sharded state", "other")
 _REGION = re.compile(r"^\s*[\d.]+\w+\(\s*\d+%\);\s*([\d.]+)(\w+);\s*(\d+);\s*\d+;\s*(.*)$")
-_SHAPE = re.compile(r"(?:(\d+)\u00d7)?(\w+)\[([\d,]*)\]")
+_SHAPE = re.compile(r"(\w+)\[([\d,]*)\]")  # "bf16[4,24,1,4096,2048]" (a "5×" count before it is ignored)
 _UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
 
 
@@ -75,7 +75,7 @@ def parse_report(text: str) -> list[tuple[int, int, tuple[int, ...]]]:
     elif in_default and tables == 1 and (match := _REGION.match(line)):
       size = int(float(match.group(1)) * _UNITS[match.group(2)])
       shapes = []
-      for _, dtype, dims in _SHAPE.findall(match.group(4)):
+      for dtype, dims in _SHAPE.findall(match.group(4)):
         shape = tuple(int(d) for d in dims.split(",") if d)
         shapes.append((int(re.sub(r"\D", "", dtype) or 8) // 8 * math.prod(shape), shape))
       regions.append((int(match.group(3)), size, max(shapes)[1] if shapes else ()))
@@ -96,7 +96,8 @@ def partition(regions) -> dict[str, int]:
 
 
 def compile_with_dump(lowered):
-  """(compiled, memory-usage report text or "") of `lowered`, with XLA's buffer assignment dumped."""
+  """(compiled, memory-usage report text or "", bytes of the temporary allocation) of `lowered`, compiled
+  with XLA's buffer assignment dumped to a temporary directory."""
   with tempfile.TemporaryDirectory(prefix="loopjax-xla-dump-") as dump:
     compiled = lowered.compile(compiler_options={"xla_dump_to": dump})
     reports = sorted(f for f in os.listdir(dump) if "train_step" in f and f.endswith("memory-usage-report.txt"))

@@ -152,7 +152,6 @@ class Report:
   oom_message: str = ""  # XLA's out-of-memory error, when compilation itself failed for memory
   splash_in_program: bool = False  # the compiled program calls the Pallas splash-attention kernel
   microbatches: int = 1  # gradient accumulation (train.per_device_batch)
-  peak_bytes: int | None = None  # memory_analysis' peak_memory_in_bytes
   account: list | None = None  # [(what, bytes)] of the temporaries (`--explain`, loopjax.memory_account)
 
   @property
@@ -202,7 +201,7 @@ def run(cfg, topology: Topology, explain: bool = False) -> Report:
     mem = compiled.memory_analysis()
     report.argument_bytes, report.output_bytes = mem.argument_size_in_bytes, mem.output_size_in_bytes
     report.alias_bytes, report.temp_bytes = mem.alias_size_in_bytes, mem.temp_size_in_bytes
-    report.code_bytes, report.peak_bytes = mem.generated_code_size_in_bytes, mem.peak_memory_in_bytes
+    report.code_bytes = mem.generated_code_size_in_bytes
     report.splash_in_program = "splash" in compiled.as_text()
     if dump:
       report.account = memory_account.account(dump, temp_allocation, cfg, report.temp_bytes)

@@ -26,6 +26,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "context", "tensor")
+_AXIS_TYPES = (AxisType.Auto,) * len(MESH_AXES)
 
 # logical axis -> mesh axis (or tuple of axes, or None = replicated)
 LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
@@ -56,14 +57,13 @@ def make_mesh(shape: Sequence[int], devices=None) -> Mesh:
     raise ValueError(f"mesh shape {tuple(shape)} needs one size per axis {MESH_AXES}")
   if int(np.prod(shape)) != len(devices):
     raise ValueError(f"mesh shape {tuple(shape)} needs {int(np.prod(shape))} devices, have {len(devices)}")
-  axis_types = (AxisType.Auto,) * len(MESH_AXES)
   try:
-    return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=axis_types, devices=devices)
+    return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=_AXIS_TYPES, devices=devices)
   except NotImplementedError:
     # A TPU torus whose axes no product of mesh sizes matches (fsdp=32 x context=2 on 4x4x4): split a
     # physical axis, as MaxText's allow_split_physical_axes does; the ICI ring of the split axis is shared.
     grid = mesh_utils.create_device_mesh(tuple(shape), devices, allow_split_physical_axes=True)
-    return Mesh(grid, MESH_AXES, axis_types=axis_types)
+    return Mesh(grid, MESH_AXES, axis_types=_AXIS_TYPES)
 
 
 def process_major_mesh(shape: Sequence[int], devices) -> Mesh:
@@ -72,7 +72,7 @@ def process_major_mesh(shape: Sequence[int], devices) -> Mesh:
   over hosts (context=4 on v5p, whose hosts hold 2x2 chips), since each process feeds whole rows."""
   ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
   grid = np.asarray(ordered, dtype=object).reshape(tuple(shape))
-  return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+  return Mesh(grid, MESH_AXES, axis_types=_AXIS_TYPES)
 
 
 def logical_to_spec(logical_axes: Sequence[str | None] | None) -> P:

@@ -31,7 +31,7 @@ import tensorstore as ts
 
 from loopjax import storage
 from loopjax.checkpoint import CheckpointError, read_meta
-from loopjax.checkpoint_files import bits_sum, checkpoints_dir, open_array, pick_step
+from loopjax.checkpoint_files import bits_sum, open_array, pick_step
 from loopjax.config import config_from_dict
 from loopjax.hf import card
 from loopjax.hf.config import CONFIG, hf_config_json
@@ -49,7 +49,7 @@ def export_checkpoint(checkpoint: str, output: str, *, step: int | None = None, 
   """Writes step `step` (default: the newest) of `checkpoint` (a workdir or its checkpoints directory)
   to the HF directory `output`, in `dtype` (default: the run's param_dtype). Returns a summary."""
   _check_output(output, overwrite)
-  directory = checkpoints_dir(checkpoint)
+  directory = str(storage.checkpoints_dir(checkpoint))
   step, meta = read_meta(directory, pick_step(directory, step, "--checkpoint"))
   cfg = config_from_dict(meta["config"])
   plan = tensor_plan(cfg.model)

@@ -43,12 +43,6 @@ def from_hf(path: str, tokenizer: str = "") -> Source:
                 _tokenizer(tokenizer), None, None, None)
 
 
-def checkpoints_dir(path: str) -> str:
-  """A run's workdir or its checkpoints directory (local or gs://) -> the checkpoints directory."""
-  from loopjax import storage
-  return str(storage.checkpoints_dir(path))
-
-
 def run_tokenizer(cfg):
   """The byte tokenizer when the run's corpora were prepared with it; None otherwise (tasks, HF files)."""
   from loopjax.data import pipeline, records, tasks, tokenizer
@@ -66,7 +60,7 @@ def from_checkpoint(path: str, step: int | None = None, tokenizer: str = "") -> 
   from loopjax import checkpoint, storage
   from loopjax.config import config_from_dict
   from loopjax.train.state import model_graph
-  directory = checkpoints_dir(path)
+  directory = str(storage.checkpoints_dir(path))
   step, meta = checkpoint.read_meta(directory, step)
   cfg = config_from_dict(meta["config"])
   if cfg.model.kind != "ouro":

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from loopjax.checkpoint import leaf_shapes, read_meta, restore_params
-from loopjax.checkpoint_files import checkpoints_dir, pick_step
+from loopjax.checkpoint_files import pick_step
+from loopjax.storage import checkpoints_dir
 from loopjax.config import ConfigError
 from loopjax.hf.importer import check_hf_dir, sharded_hf_params
 from loopjax.train.state import model_graph
@@ -50,8 +51,8 @@ def parse_source(spec: str) -> tuple[str, int | None]:
   """init.from_checkpoint "DIR[:STEP]" -> (checkpoints directory, step or None = the newest)."""
   directory, colon, step = spec.rpartition(":")
   if colon and step.isdigit():
-    return checkpoints_dir(directory), int(step)
-  return checkpoints_dir(spec), None
+    return str(checkpoints_dir(directory)), int(step)
+  return str(checkpoints_dir(spec)), None
 
 
 def _checkpoint_source(spec: str, model_cfg) -> tuple[str, int, dict]:
