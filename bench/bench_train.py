@@ -96,16 +96,16 @@ def peer_table(args):
   cfg = common.load_config("peer")
   bench = common.Bench(cfg)
   variants = [("T=1, remat full", common.with_model(cfg, loop_steps=1)),
+              ("T=4, remat full (default)", common.with_model(cfg, loop_steps=4)),
               ("T=4, remat full, head recomputed", common.with_model(cfg, loop_steps=4, loss_remat="recompute")),
-              ("T=4, remat full, head saves d logits", common.with_model(cfg, loop_steps=4, loss_remat="save")),
+              ("T=4, remat full, attention blocks 128", common.with_model(cfg, loop_steps=4, attention_block_q=128,
+                                                                          attention_block_kv=128)),
               ("T=4, remat full, xla attention", common.with_model(cfg, loop_steps=4, attention="xla")),
               ("T=4, remat save_matmuls", common.with_model(cfg, loop_steps=4, remat="save_matmuls")),
+              ("T=4, remat save_attention_core", common.with_model(cfg, loop_steps=4, remat="save_attention_core")),
               ("T=4, remat none", common.with_model(cfg, loop_steps=4, remat="none")),
               ("T=4, remat none, scans unrolled", common.with_model(cfg, loop_steps=4, remat="none", layer_unroll=4,
                                                                     loop_unroll=4)),
-              ("T=4, remat none, scans unrolled, head recomputed",
-               common.with_model(cfg, loop_steps=4, remat="none", layer_unroll=4, loop_unroll=4,
-                                 loss_remat="recompute")),
               ("T=1, remat none, layers unrolled", common.with_model(cfg, loop_steps=1, remat="none", layer_unroll=4))]
   cells = run_interleaved(bench, variants, args)
   rows = [(f"loopjax L=4 {label}", *timing_columns(c)) for label, c in cells.items()]

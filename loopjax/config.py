@@ -50,7 +50,7 @@ def default_config() -> ml_collections.ConfigDict:
   m.tie_embeddings = False
   m.param_dtype = "float32"
   m.compute_dtype = "float32"
-  m.remat = "full"  # one of REMAT_POLICIES, applied to each layer of the scanned stack
+  m.remat = "full"  # one of REMAT_POLICIES (model/stack.py says what each keeps), applied to each layer
   # lax.scan unroll factors of the layer scan and the loop-step scan: 1 keeps compile time flat in L and T;
   # unrolling (e.g. both = L, T with remat none) makes small models faster on CPU (BENCHMARKS.md, issue 11).
   m.layer_unroll = 1

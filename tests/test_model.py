@@ -106,7 +106,7 @@ def test_training_path_matches_logits_path_and_chunking():
     np.testing.assert_allclose(gate_TBS, out.gate_logits, rtol=1e-6)
 
 
-@pytest.mark.parametrize("policy", ["full", "save_matmuls", "save_attention_out"])
+@pytest.mark.parametrize("policy", ["full", "save_matmuls", "save_attention_out", "save_attention_core"])
 def test_remat_policies_give_the_same_gradients(policy):
   def grads(remat):
     cfg = tiny_config(remat=remat)

@@ -1,12 +1,16 @@
 """Every remat policy does what its name says: counted in the compiled gradient of one layer.
 
-An Ouro layer has 9 matmuls forward (q, k, v, o projections; q k^T and p v in attention; gate, up and
-down of the MLP) and 18 backward. "none" recomputes nothing; "save_matmuls" recomputes only the two
-attention matmuls (they have batch dimensions, so the policy does not save their [B, N, S, S]
-outputs); "save_attention_out" keeps the o-projection's output and recomputes the other 8; "full"
-recomputes all 9. The dot count of the optimized HLO must come out exactly so, none < save_matmuls <
-save_attention_out < full. (With one layer XLA removes the scan's loop and merges the recomputation
-with the forward pass, so the count is taken with two.)
+With the dense (xla) core an Ouro layer has 9 matmuls forward (q, k, v, o projections; q k^T and p v in
+attention; gate, up and down of the MLP) and 18 backward. "none" recomputes nothing; "save_matmuls"
+recomputes only the two attention matmuls (they have batch dimensions, so the policy does not save their
+[B, N, S, S] outputs); "save_attention_out" keeps the o-projection's output and recomputes the other 8;
+"full" recomputes all 9. "save_attention_core" names the blocked core's residuals, which the xla core
+does not have, so there it recomputes all 9 like "full". With the blocked core (two blocks, so its loops
+stay loops) the 2 attention matmuls sit in the forward loop and 5 in the backward loop (the
+probabilities recomputed, dp, dq, dk, dv): 9 forward, 19 backward, and "save_attention_core" recomputes
+the 7 projection and MLP matmuls but not the attention loop. The dot count of the optimized HLO must
+come out exactly so. (With one layer XLA removes the scan's loop and merges the recomputation with the
+forward pass, so the count is taken with two.)
 """
 
 import re
@@ -20,11 +24,13 @@ from helpers import random_params, tiny_config
 from loopjax.model import attention, layers
 from loopjax.model.stack import scan_layers
 
-FORWARD_DOTS, BACKWARD_DOTS = 9, 18
-RECOMPUTED = {"none": 0, "save_matmuls": 2, "save_attention_out": 8, "full": 9}
+DOTS = {"xla": (9, 18), "blocked": (9, 19)}  # forward, backward
+RECOMPUTED = {"xla": {"none": 0, "save_matmuls": 2, "save_attention_out": 8, "save_attention_core": 9, "full": 9},
+              "blocked": {"none": 0, "save_matmuls": 2, "save_attention_out": 8, "save_attention_core": 7,
+                          "full": 9}}
 
 
-def compiled_dot_count(policy: str) -> int:
+def compiled_dot_count(policy: str, core: str) -> int:
   cfg = tiny_config(num_layers=2)  # two layers: the scan stays a loop, so XLA cannot merge fwd and recompute
   m = cfg.model
   stack = jax.tree.map(jnp.asarray, random_params(m)["stack"])
@@ -33,7 +39,7 @@ def compiled_dot_count(policy: str) -> int:
   cos_BSH, sin_BSH = layers.rope_tables(jnp.broadcast_to(jnp.arange(S), (B, S)), m.head_dim, m.rope_base)
 
   def loss(stack, x_BSD):
-    mask = attention.Mask(None, "xla")  # the dense core: its two attention matmuls are what the counts name
+    mask = attention.Mask(None, core, block_q=S // 2, block_kv=S // 2)
     layer = lambda p, x: layers.sandwich_layer(p, x, cos_BSH, sin_BSH, mask, eps=m.norm_eps, dtype=jnp.float32)
     return jnp.sum(scan_layers(layer, stack, x_BSD, policy) ** 2)
 
@@ -41,9 +47,9 @@ def compiled_dot_count(policy: str) -> int:
   return len(re.findall(r"= \S+ dot\(", hlo))
 
 
-@pytest.mark.parametrize("policy", sorted(RECOMPUTED))
-def test_remat_policy_recomputes_what_its_name_says(policy):
-  assert compiled_dot_count(policy) == FORWARD_DOTS + BACKWARD_DOTS + RECOMPUTED[policy]
+@pytest.mark.parametrize("core,policy", [(core, policy) for core in RECOMPUTED for policy in sorted(RECOMPUTED[core])])
+def test_remat_policy_recomputes_what_its_name_says(core, policy):
+  assert compiled_dot_count(policy, core) == sum(DOTS[core]) + RECOMPUTED[core][policy]
 
 
 def test_unrolled_scans_compute_the_same_loss_and_gradients():

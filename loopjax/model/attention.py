@@ -31,10 +31,11 @@ IMPLEMENTATIONS = ("auto", "xla", "blocked", "splash", "cudnn")
 AVAILABLE = {"cpu": ("xla", "blocked"), "gpu": ("xla", "blocked", "cudnn"), "tpu": ("xla", "blocked", "splash")}
 # CPU: blocked. Forward + backward on 2 CPU cores (bench/bench_attention.py; B 8, 8 heads of 32, 4
 # documents per row): seq 256 xla 77-164 ms, blocked/128 60-68 ms; seq 1024 xla 4.4-4.8 s, blocked/128
-# 0.59-0.94 s; seq 128 equal (16-18 ms, one block).
+# 0.59-0.94 s; seq 128 equal (16-18 ms, one block). BENCHMARKS.md "Attention" has the newer figures.
 AUTO = {"cpu": "blocked", "gpu": "cudnn", "tpu": "splash"}
-# Block size when model.attention_block_q/_kv is 0: the fastest measured on CPU; MaxText's on TPU.
-DEFAULT_BLOCK = {"blocked": 128, "splash": 512}
+# Block size when model.attention_block_q/_kv is 0: blocked's fastest on CPU (64: a block's scores stay in
+# cache; 128 made its backward 1.4-2x slower at seq 256 and 1024, 2026-12-02); MaxText's on TPU.
+DEFAULT_BLOCK = {"blocked": 64, "splash": 512}
 SPLASH_TILE = 128  # splash blocks (and so the sequence) are multiples of the TPU's 128 lanes
 CUDNN_DTYPES = ("bfloat16", "float16")
 

@@ -15,10 +15,19 @@ from flax import nnx
 
 INITS = ("normal", "ones", "zeros")
 
+# What each policy keeps from a layer's forward pass for its backward pass (the rest is recomputed):
+#   full                 nothing but the layer's input (the least memory)
+#   save_matmuls         the outputs of matmuls without batch dimensions (projections, MLP)
+#   save_attention_out   the attention block's output after its o-projection
+#   save_attention_core  the blocked attention core's output and logsumexp, its backward's residuals
+#                        ([B, S, N, H] + [B, N, S] per layer and loop step): the backward then runs the
+#                        projections and MLP again but not the attention loops. Only `blocked` names them;
+#                        with the other cores it is `full`.
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "save_matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "save_attention_out": jax.checkpoint_policies.save_only_these_names("attention_out"),
+    "save_attention_core": jax.checkpoint_policies.save_only_these_names("attention_core"),
 }
 
 
