@@ -4,10 +4,10 @@ Why: the XLA path builds [B, N, S, S] scores and a [B, 1, S, S] mask, so its mem
 a 32K or 64K sequence does not fit a chip (issue 10). Here query block i visits only key blocks j with
 j * block_kv <= the block's last position (on or below the diagonal), keeping a running max, sum and
 output (online softmax), and returns the output with the rows' logsumexp. The backward pass
-(`jax.custom_vjp`) saves only the blocked (q, k, v, segment ids, out, logsumexp) and recomputes each
-block's probabilities from them, FlashAttention-2 style, in one pass over the block pairs: each pair's
-probabilities and score gradients are computed once and give its share of dq, dk and dv (dq summed
-over key blocks in a carried buffer), so no [S, S] array is saved or built. Softmax runs in at least
+(`jax.custom_vjp`) saves only the output and the blocked (q, k, v, segment ids, logsumexp) and
+recomputes each block's probabilities from them, FlashAttention-2 style, in one pass over the block
+pairs: each pair's probabilities and score gradients are computed once and give its share of dq, dk
+and dv (dq summed over key blocks in a carried buffer), so no [S, S] array is saved or built. Softmax runs in at least
 float32.
 
 What keeps it fast on CPU (issue 11; `bench/bench_attention.py`, BENCHMARKS.md "Attention"):
@@ -98,18 +98,20 @@ def _forward(q_BSNH, k_BSKH, v_BSKH, seg_BS, bq: int, bk: int):
     return (o_BKGQH / l_BKGQ[..., None]).astype(q_BSNH.dtype), m_BKGQ + jnp.log(l_BKGQ)
 
   o_nBKGQH, lse_nBKGQ = jax.lax.map(one_query_block, (jnp.arange(S // bq), q_nBKGQH, segq_nBQ))
-  # Named so the remat policy "save_attention_core" can keep them instead of re-running these loops.
-  o_nBKGQH, lse_nBKGQ = checkpoint_name(o_nBKGQH, "attention_core"), checkpoint_name(lse_nBKGQ, "attention_core")
-  out_BSNH = _unblock(o_nBKGQH).reshape(B, S, N, H)
-  return out_BSNH, (q_nBKGQH, k_nBKCH, v_nBKCH, segq_nBQ, segk_nBC, o_nBKGQH, lse_nBKGQ)
+  # The output itself is the residual (one buffer with what the o-projection reads); both are named so
+  # the remat policy "save_attention_core" can keep them instead of re-running these loops.
+  out_BSNH = checkpoint_name(_unblock(o_nBKGQH).reshape(B, S, N, H), "attention_core")
+  lse_nBKGQ = checkpoint_name(lse_nBKGQ, "attention_core")
+  return out_BSNH, (q_nBKGQH, k_nBKCH, v_nBKCH, segq_nBQ, segk_nBC, out_BSNH, lse_nBKGQ)
 
 
 def _backward(bq: int, bk: int, residuals, dout_BSNH):
-  q_nBKGQH, k_nBKCH, v_nBKCH, segq_nBQ, segk_nBC, o_nBKGQH, lse_nBKGQ = residuals
+  q_nBKGQH, k_nBKCH, v_nBKCH, segq_nBQ, segk_nBC, out_BSNH, lse_nBKGQ = residuals
   n_q, B, K, G, _, H = q_nBKGQH.shape
   S = n_q * bq
   acc = lse_nBKGQ.dtype
   do_nBKGQH = _head_blocks(dout_BSNH.reshape(B, S, K, G, H), bq)
+  o_nBKGQH = _head_blocks(out_BSNH.reshape(B, S, K, G, H), bq)
   delta_nBKGQ = jnp.einsum("nbkgqh,nbkgqh->nbkgq", do_nBKGQH.astype(acc), o_nBKGQH.astype(acc))
 
   def visit_pair(i, j, grads):
