@@ -10,47 +10,60 @@ remat policy) and is compiled up front; then the variants are timed in interleav
 the order each round, and each cell reports the median round. Wall time gives tokens/s and MFU;
 CPU time (all threads of this process) is reported too because it is much less noisy when other
 processes share the cores. "spread" is the (max - min) / median of the rounds' wall times.
+
+MFU: the matmul probe (`common.matmul_peak`) is taken again at the start of every round, because on
+these VMs it moves 1.5x within an hour; a cell's MFU is the median over rounds of its model FLOP/s
+over that round's probe. `--cpu-devices N` gives the process N fake CPU devices: every variant runs on
+device 0 alone unless its label says "N CPU devices", which runs it data-parallel over N (one op stream
+per device; at small widths XLA:CPU leaves a core idle between ops, see BENCHMARKS.md).
 """
 
 import argparse
 import math
 import os
 
+import jax
 import numpy as np
 
 import common
 from loopjax import config as config_lib
-from loopjax import metrics as metrics_lib
 from loopjax.model import flops_per_token
 
 LOOP_STEPS = (1, 2, 4, 8)
 REMAT_POLICIES = config_lib.REMAT_POLICIES
 
 
-def run_interleaved(bench, variants, args):
-  """variants: [(label, cfg)] -> {label: cell}, each cell with its rounds' wall and CPU s/step."""
+def run_interleaved(variants, args):
+  """variants: [(label, cfg, bench)] -> {label: cell}, each cell with its rounds' wall and CPU s/step and MFU."""
   cells = {}
-  for label, cfg in variants:
+  for label, cfg, bench in variants:
     compiled, _, compile_s = bench.compile(cfg, bench.state)
     state, warm, _ = common.time_steps(compiled, bench.fresh_state(), bench.batch, args.warmup)
     steps = max(args.min_steps, math.ceil(args.round_seconds / warm))
-    cells[label] = dict(cfg=cfg, compiled=compiled, state=state, steps=steps, wall=[], cpu=[],
-                        compile_s=compile_s)
-  labels = [label for label, _ in variants]
+    cells[label] = dict(cfg=cfg, bench=bench, compiled=compiled, state=state, steps=steps, wall=[], cpu=[],
+                        mfu=[], compile_s=compile_s)
+  labels = [label for label, _, _ in variants]
   for r in range(args.rounds):
+    peak = args.peak_gflops * 1e9 or common.matmul_peak()
+    args.probes.append(peak)
     for label in labels[r % len(labels):] + labels[:r % len(labels)]:
       c = cells[label]
-      c["state"], wall, cpu = common.time_steps(c["compiled"], c["state"], bench.batch, c["steps"])
+      c["state"], wall, cpu = common.time_steps(c["compiled"], c["state"], c["bench"].batch, c["steps"])
       c["wall"].append(wall)
       c["cpu"].append(cpu)
+      c["mfu"].append(model_flops_per_second(c["cfg"], wall) / peak)
   for c in cells.values():
     cfg = c.pop("cfg")
-    del c["compiled"], c["state"]
+    del c["compiled"], c["state"], c["bench"]
     c["step_s"], c["cpu_s"] = common.median(c["wall"]), common.median(c["cpu"])
     c["tokens_s"] = cfg.train.batch_size * cfg.train.seq_len / c["step_s"]
-    c["flops_s"] = c["tokens_s"] * flops_per_token(cfg.model, cfg.train.seq_len)
-    c["mfu"] = c["flops_s"] / args.peak
+    c["flops_s"] = model_flops_per_second(cfg, c["step_s"])
+    c["mfu"] = common.median(c["mfu"])
   return cells
+
+
+def model_flops_per_second(cfg, step_s: float) -> float:
+  return cfg.train.batch_size * cfg.train.seq_len / step_s * flops_per_token(cfg.model, cfg.train.seq_len)
 
 
 def timing_columns(c):
@@ -70,8 +83,8 @@ def describe(name, cfg, bench):
 
 def loops_table(name, args):
   cfg = common.load_config(name)
-  bench = common.Bench(cfg)
-  cells = run_interleaved(bench, [(T, common.with_model(cfg, loop_steps=T)) for T in LOOP_STEPS], args)
+  bench = common.Bench(cfg, devices=jax.devices()[:1])
+  cells = run_interleaved([(T, common.with_model(cfg, loop_steps=T), bench) for T in LOOP_STEPS], args)
   base = cells[1]
   rows = [(T, *timing_columns(c), f"{c['step_s'] / (T * base['step_s']):.2f}",
            f"{c['cpu_s'] / (T * base['cpu_s']):.2f}", f"{c['compile_s']:.1f}")
@@ -85,8 +98,8 @@ def loops_table(name, args):
 
 def remat_table(args):
   cfg = common.with_model(common.load_config("small"), loop_steps=4)
-  bench = common.Bench(cfg)
-  cells = run_interleaved(bench, [(p, common.with_model(cfg, remat=p)) for p in REMAT_POLICIES], args)
+  bench = common.Bench(cfg, devices=jax.devices()[:1])
+  cells = run_interleaved([(p, common.with_model(cfg, remat=p), bench) for p in REMAT_POLICIES], args)
   rows = [(policy, *timing_columns(c), f"{c['compile_s']:.1f}") for policy, c in cells.items()]
   common.print_table(f"{describe('small', cfg, bench)}, T=4: remat policy of the layer body; "
                      f"load avg {os.getloadavg()[0]:.1f}", ("remat", *TIMING_HEADERS, "compile s"), rows)
@@ -94,7 +107,7 @@ def remat_table(args):
 
 def peer_table(args):
   cfg = common.load_config("peer")
-  bench = common.Bench(cfg)
+  bench = common.Bench(cfg, devices=jax.devices()[:1])
   variants = [("T=1, remat full", common.with_model(cfg, loop_steps=1)),
               ("T=4, remat full (default)", common.with_model(cfg, loop_steps=4)),
               ("T=4, remat full, head recomputed", common.with_model(cfg, loop_steps=4, loss_remat="recompute")),
@@ -107,7 +120,13 @@ def peer_table(args):
               ("T=4, remat none, scans unrolled", common.with_model(cfg, loop_steps=4, remat="none", layer_unroll=4,
                                                                     loop_unroll=4)),
               ("T=1, remat none, layers unrolled", common.with_model(cfg, loop_steps=1, remat="none", layer_unroll=4))]
-  cells = run_interleaved(bench, variants, args)
+  variants = [(label, c, bench) for label, c in variants]
+  if (n := jax.device_count()) > 1:
+    spread_bench = common.Bench(cfg)
+    variants += [(f"T=4, remat full, {n} CPU devices", common.with_model(cfg, loop_steps=4), spread_bench),
+                 (f"T=4, remat save_attention_core, {n} CPU devices",
+                  common.with_model(cfg, loop_steps=4, remat="save_attention_core"), spread_bench)]
+  cells = run_interleaved(variants, args)
   rows = [(f"loopjax L=4 {label}", *timing_columns(c)) for label, c in cells.items()]
   rows += [("Ouro PyTorch L=4 T=4 (issue #11, same machine kind)", "", "", "", "1,478", "159", ""),
            ("MaxText 16 layers, non-looped, full remat (NOTES)", "", "", "", "~500", "", "")]
@@ -125,14 +144,16 @@ def main():
   parser.add_argument("--round-seconds", type=float, default=1.0,
                       help="timed steps per round are raised until a round lasts about this long")
   parser.add_argument("--peak-gflops", type=float, default=0.0,
-                      help="MFU denominator; 0 = XLA's float32 matmul FLOP/s measured now, in this process "
-                           "(the better of 1024^3 and 2048^3, median of 7 runs each)")
+                      help="MFU denominator; 0 = XLA's float32 matmul FLOP/s measured in this process at the start "
+                           "of every round (the better of 1024^3 and 2048^3, median of 5 runs each)")
+  parser.add_argument("--cpu-devices", type=int, default=1,
+                      help="fake CPU devices; > 1 adds peer variants run data-parallel over all of them")
   args = parser.parse_args()
-  measured = {n: metrics_lib.matmul_flops_per_second(n, n, n) for n in (1024, 2048)}
-  args.peak = args.peak_gflops * 1e9 or max(measured.values())
-  print(f"{common.machine_line()}; XLA float32 matmul "
-        + ", ".join(f"{n}^3: {f / 1e9:.0f} GFLOP/s" for n, f in measured.items())
-        + f"; MFU peak {args.peak / 1e9:.0f} GFLOP/s ({'given' if args.peak_gflops else 'measured'})")
+  jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+  args.probes = []
+  print(f"{common.machine_line()}; MFU peak: "
+        + (f"{args.peak_gflops:.0f} GFLOP/s (given)" if args.peak_gflops else
+           f"XLA float32 matmul probe, taken every round (now {common.matmul_peak() / 1e9:.0f} GFLOP/s)"))
   tables = args.tables.split(",")
   if "loops" in tables:
     for name in args.configs.split(","):
@@ -141,6 +162,9 @@ def main():
     remat_table(args)
   if "peer" in tables:
     peer_table(args)
+  if args.probes:
+    print(f"matmul probe over the rounds: median {common.median(args.probes) / 1e9:.0f} GFLOP/s, "
+          f"{min(args.probes) / 1e9:.0f}-{max(args.probes) / 1e9:.0f}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import time
 import jax
 import numpy as np
 
+from loopjax import metrics as metrics_lib
 from loopjax.train import state as state_lib
 from loopjax.train.driver import global_batch
 from loopjax.train.trainer import build_trainer, make_mesh
@@ -60,11 +61,14 @@ def synthetic_batch(cfg, seed: int = 0) -> dict:
 
 
 class Bench:
-  """The parts of a training setup that do not depend on T or the remat policy: mesh, state, batch."""
+  """The parts of a training setup that do not depend on T or the remat policy: mesh, state, batch.
 
-  def __init__(self, cfg, init_state: bool = True):
+  devices: the mesh's devices (default: all), e.g. the first one of several fake CPU devices.
+  """
+
+  def __init__(self, cfg, init_state: bool = True, devices=None):
     self.cfg = cfg
-    self.mesh = make_mesh(cfg)
+    self.mesh = make_mesh(cfg, devices)
     trainer = build_trainer(cfg, self.mesh)
     self.num_params = state_lib.count_params(cfg.model)
     self.state = trainer.init_state() if init_state else None
@@ -102,6 +106,14 @@ def time_steps(compiled, state, batch, steps: int):
     state, metrics = compiled(state, batch)
   jax.block_until_ready((state, metrics))
   return state, (time.perf_counter() - wall) / steps, (time.process_time() - cpu) / steps
+
+
+def matmul_peak() -> float:
+  """XLA's float32 matmul FLOP/s now, on device 0: the better of 1024^3 and 2048^3, median of 5 runs each.
+
+  On these shared VMs it moves 1.5x within an hour, so benchmarks take it again every round.
+  """
+  return max(metrics_lib.matmul_flops_per_second(n, n, n, repeats=5) for n in (1024, 2048))
 
 
 def median(xs):
