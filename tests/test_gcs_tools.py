@@ -111,6 +111,31 @@ def test_prepared_corpus_on_the_bucket_reads_like_the_local_one(gcs, tmp_path): 
   assert data_vocab_size(cfg.data) == records.read_manifest(str(corpus))["tokenizer"]["vocab_size"]
 
 
+def test_export_finds_the_tokenizer_beside_a_corpus_on_the_bucket(gcs, tmp_path):  # noqa: F811
+  """export-hf's card reads a gs:// corpus like a local one: its tokenizer is found (sha256 checked), its
+  special ids read, and it is shipped byte for byte."""
+  from helpers import tiny_config
+  from test_hf_interop import _chat_tokenizer
+  from loopjax.data import prepare
+  from loopjax.hf import card
+  tokenizer = _chat_tokenizer(tmp_path / "tokenizer.json")
+  (tmp_path / "docs.jsonl").write_text('{"text": "a b a"}\n{"text": "b b"}\n')
+  corpus = tmp_path / "corpus"
+  prepare.prepare([str(tmp_path / "docs.jsonl")], str(corpus), prepare.Options(tokenizer=tokenizer), progress=False)
+  remote = _bucket_run("tokenized-corpus")
+  storage.copy_tree(corpus, remote)
+  cfg = tiny_config()
+  cfg.data.source = remote
+  found = card.find_tokenizer(cfg, None)
+  assert found == f"{remote}/tokenizer.json"
+  ids = card.special_ids(cfg, found)
+  assert (ids["bos_token_id"], ids["eos_token_id"], ids["pad_token_id"]) == (1, 2, 0)
+  card.copy_tokenizer(found, str(tmp_path / "out"))
+  assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (tmp_path / "tokenizer.json").read_bytes()
+  epath.Path(remote, "tokenizer.json").write_text("{}")  # no longer the manifest's tokenizer: not shipped
+  assert card.find_tokenizer(cfg, None) is None
+
+
 @pytest.mark.parametrize("source", ["gs://bucket/no-such-corpus", "s3://bucket/corpus"])
 def test_unusable_corpus_url_fails_at_startup(gcs, tmp_path, source):  # noqa: F811
   result = _train(str(tmp_path / "run"), tmp_path, gcs, extra=[f"--config.data.source={source}"])

@@ -36,8 +36,9 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def sha256_file(path: str) -> str:
+  """The hex sha256 of a local file or a gs:// object (read through epath, 1 MiB at a time)."""
   digest = hashlib.sha256()
-  with open(path, "rb") as f:
+  with epath.Path(path).open("rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
       digest.update(block)
   return digest.hexdigest()

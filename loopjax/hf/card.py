@@ -7,14 +7,15 @@ three: tokenizer_config.json's bos/eos/pad tokens when it sits beside tokenizer.
 the usual names present (ChatML first: the SmolLM2 tokenizer Ouro uses gives bos 1 <|im_start|>, eos 2
 <|im_end|>, pad 0 <|endoftext|>). Without a tokenizer (built-in tasks, byte-level corpora) the run's
 document-start id serves as bos and eos (documents are separated by it) and pad is 0, loopjax's padding.
+The corpus and the tokenizer may be local or gs:// (read through epath, like the corpus itself).
 """
 
 import json
-import os
-import shutil
 
 import tokenizers
+from etils import epath
 
+from loopjax import storage
 from loopjax.data import pipeline, records, synthetic, tasks
 from loopjax.hf.errors import HFError
 
@@ -27,18 +28,18 @@ CANDIDATES = {"bos": ("<|im_start|>", "<s>", "<bos>", "<|begin_of_text|>", "<|en
 def find_tokenizer(cfg, given: str | None) -> str | None:
   """The tokenizer.json to ship with a run's export, or None when the run has none to find."""
   if given:
-    if not os.path.isfile(given):
+    if not epath.Path(given).is_file():
       raise HFError(f"--tokenizer {given}: no such file. Fix: give the tokenizer.json the run's data was prepared with")
     return given
   for source in _corpora(cfg):
-    path = os.path.join(source, records.TOKENIZER)
-    if os.path.isfile(path) and records.sha256_file(path) == records.read_manifest(source)["tokenizer"]["sha256"]:
-      return path
+    path = epath.Path(source) / records.TOKENIZER
+    if path.is_file() and records.sha256_file(path) == records.read_manifest(source)["tokenizer"]["sha256"]:
+      return str(path)
   return None
 
 
 def _corpora(cfg) -> list[str]:
-  return [s for s in pipeline.source_names(cfg.data) if s not in tasks.TASK_NAMES and os.path.isdir(s)]
+  return [s for s in pipeline.source_names(cfg.data) if s not in tasks.TASK_NAMES and epath.Path(s).is_dir()]
 
 
 def special_ids(cfg, tokenizer: str | None) -> dict:
@@ -47,8 +48,8 @@ def special_ids(cfg, tokenizer: str | None) -> dict:
     corpora = _corpora(cfg)
     start = records.read_manifest(corpora[0])["tokenizer"]["bos_id"] if corpora else synthetic.BOS
     return {"bos_token_id": start, "eos_token_id": start, "pad_token_id": synthetic.PAD}
-  tok = tokenizers.Tokenizer.from_file(tokenizer)
-  configured = _configured_tokens(os.path.dirname(tokenizer))
+  tok = tokenizers.Tokenizer.from_str(epath.Path(tokenizer).read_text())
+  configured = _configured_tokens(epath.Path(tokenizer).parent)
   ids = {}
   for role, names in CANDIDATES.items():
     found = (tok.token_to_id(n) for n in (configured.get(role), *names) if n)
@@ -60,22 +61,21 @@ def special_ids(cfg, tokenizer: str | None) -> dict:
 
 def _configured_tokens(directory: str) -> dict:
   """bos/eos/pad token strings from a tokenizer_config.json beside the tokenizer (values may be dicts)."""
-  path = os.path.join(directory, "tokenizer_config.json")
-  if not os.path.isfile(path):
+  path = epath.Path(directory) / "tokenizer_config.json"
+  if not path.is_file():
     return {}
-  with open(path) as f:
-    config = json.load(f)
+  config = json.loads(path.read_text())
   tokens = {role: config.get(f"{role}_token") for role in CANDIDATES}
   return {role: t["content"] if isinstance(t, dict) else t for role, t in tokens.items() if t}
 
 
 def copy_tokenizer(tokenizer: str, output: str):
   """tokenizer.json and the tokenizer_config.json / special_tokens_map.json beside it, if any."""
-  shutil.copy2(tokenizer, os.path.join(output, records.TOKENIZER))
+  storage.copy_file(tokenizer, epath.Path(output) / records.TOKENIZER)
   for name in TOKENIZER_FILES[1:]:
-    path = os.path.join(os.path.dirname(tokenizer), name)
-    if os.path.isfile(path):
-      shutil.copy2(path, os.path.join(output, name))
+    path = epath.Path(tokenizer).parent / name
+    if path.is_file():
+      storage.copy_file(path, epath.Path(output) / name)
 
 
 def generation_config(ids: dict) -> dict:
@@ -123,7 +123,7 @@ def _data_names(cfg) -> list[str]:
   """Each source with, for a prepared corpus, its manifest's token count and tokenizer kind."""
   names = []
   for source in pipeline.source_names(cfg.data):
-    if source in tasks.TASK_NAMES or not os.path.isdir(source):
+    if source in tasks.TASK_NAMES or not epath.Path(source).is_dir():
       names.append(f"`{source}`")
     else:
       manifest = records.read_manifest(source)
