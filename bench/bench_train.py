@@ -15,7 +15,7 @@ MFU: the matmul probe (`common.matmul_peak`) is taken again at the start of ever
 these VMs it moves 1.5x within an hour; a cell's MFU is the median over rounds of its model FLOP/s
 over that round's probe. `--cpu-devices N` gives the process N fake CPU devices: every variant runs on
 device 0 alone unless its label says "N CPU devices", which runs it data-parallel over N (one op stream
-per device; at small widths XLA:CPU leaves a core idle between ops, see BENCHMARKS.md).
+per device, to fill the core XLA:CPU leaves idle between small ops; it measured no gain, BENCHMARKS.md).
 """
 
 import argparse
