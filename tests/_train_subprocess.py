@@ -9,13 +9,14 @@ import subprocess
 import sys
 import time
 
+from conftest import SUBPROCESS_CACHE
+
 LOOPJAX = os.path.join(os.path.dirname(sys.executable), "loopjax")
-CACHE = os.path.join(os.path.expanduser("~"), ".cache", "loopjax", "xla-tests-subprocess")
 STEPS = 12
 TINY = ["--config", "configs/smoke.py", f"--config.train.steps={STEPS}", "--config.train.seq_len=64",
         "--config.train.log_every=1", "--config.train.progress=False", "--config.optim.warmup_steps=2",
         "--config.optim.decay_steps=4", "--config.checkpoint.every_steps=4", "--config.checkpoint.keep=5",
-        f"--compile_cache={CACHE}"]
+        f"--compile_cache={SUBPROCESS_CACHE}"]
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
 

@@ -1,11 +1,25 @@
-"""Shared test set-up: 8 fake CPU devices (set before any backend use) and a compile cache."""
+"""Shared test set-up: 8 fake CPU devices (set before any backend use) and the compile caches."""
 
 import os
 
 import jax
 
+
+def compile_cache(name: str) -> str:
+  """A persistent XLA compile cache directory of this pytest process.
+
+  Under pytest-xdist each worker gets its own (suffixed with PYTEST_XDIST_WORKER): JAX writes a cache
+  entry in place (`Path.write_bytes`, no rename), so a second process reading the same key can load a
+  half-written executable.
+  """
+  worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+  return os.path.join(os.path.expanduser("~"), ".cache", "loopjax", f"{name}-{worker}" if worker else name)
+
+
+SUBPROCESS_CACHE = compile_cache("xla-tests-subprocess")  # `--compile_cache` of the CLI runs the tests start
+
 jax.config.update("jax_num_cpu_devices", 8)
-jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "loopjax", "xla-tests"))
+jax.config.update("jax_compilation_cache_dir", compile_cache("xla-tests"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 SHARED = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared"))

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from conftest import SUBPROCESS_CACHE
 from loopjax.cli import COMMANDS, config_args, logs
 from loopjax.cli.summary import format_summary
 from loopjax.config import ConfigError, default_config
@@ -17,7 +18,6 @@ from loopjax.train.result import RunResult
 
 LOOPJAX = os.path.join(os.path.dirname(sys.executable), "loopjax")
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-CACHE = os.path.join(os.path.expanduser("~"), ".cache", "loopjax", "xla-tests-subprocess")
 FLAGS = {
     "train": ["--config", "--workdir", "--compile_cache", "--coordinator", "--num_processes", "--process_id",
               "--local_devices", "--initialization_timeout", "--verbose"],
@@ -110,7 +110,7 @@ def test_params_prints_the_count_with_overrides_in_order():
 
 
 def test_train_prints_a_summary_and_no_library_info_logs(tmp_path):
-  (result,) = run_all(["train", *SMOKE, "--workdir", str(tmp_path), f"--compile_cache={CACHE}",
+  (result,) = run_all(["train", *SMOKE, "--workdir", str(tmp_path), f"--compile_cache={SUBPROCESS_CACHE}",
                        "--config.train.steps=4", "--config.train.seq_len=64", "--config.train.progress=false",
                        "--config.optim.warmup_steps=1", "--config.optim.decay_steps=2"])
   assert result.returncode == 0, result.stderr[-3000:]

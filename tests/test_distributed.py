@@ -15,18 +15,19 @@ import time
 
 import pytest
 
+from conftest import SUBPROCESS_CACHE
 from loopjax import distributed
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 BIN = os.path.dirname(sys.executable)
 LOOPJAX = os.path.join(BIN, "loopjax")
 LOCAL_SH = os.path.join(REPO, "launch", "local.sh")
-CACHE = os.path.join(os.path.expanduser("~"), ".cache", "loopjax", "xla-tests-subprocess")
 STEPS = 8
 RTOL = 1e-5
 TINY = ["--config", "configs/smoke.py", f"--config.train.steps={STEPS}", "--config.train.seq_len=64",
         "--config.train.log_every=1", "--config.train.progress=False", "--config.optim.schedule=constant",
-        "--config.checkpoint.every_steps=0", "--config.checkpoint.every_minutes=0", f"--compile_cache={CACHE}"]
+        "--config.checkpoint.every_steps=0", "--config.checkpoint.every_minutes=0",
+        f"--compile_cache={SUBPROCESS_CACHE}"]
 ENV = dict(os.environ, PATH=BIN + os.pathsep + os.environ.get("PATH", ""), PYTHON=sys.executable,
            JAX_PLATFORMS="cpu")
 for _name in ("COORDINATOR", "NUM_PROCESSES", "PROCESS_ID", "LOCAL_DEVICES", "INITIALIZATION_TIMEOUT"):

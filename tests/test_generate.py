@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import SHARED
+from conftest import SHARED, SUBPROCESS_CACHE
 from helpers import merged_model, random_params, tiny_config
 from loopjax import exits
 from loopjax.hf import load_ouro
@@ -29,7 +29,6 @@ from loopjax.model import layers
 FIXTURE = os.path.join(SHARED, "fixtures", "ouro_tiny_mha")
 LOOPJAX = os.path.join(os.path.dirname(sys.executable), "loopjax")
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-CACHE = os.path.join(os.path.expanduser("~"), ".cache", "loopjax", "xla-tests-subprocess")
 LENGTHS = np.array([5, 9, 1, 12], np.int32)  # mixed prompt lengths, right-padded to 12
 NEW = 6
 T = 3
@@ -249,7 +248,7 @@ def test_cli_generates_the_fixture_tokens_and_reports_bad_input(tmp_path):
   out = tmp_path / "out.jsonl"
   hf = os.path.join(FIXTURE, "hf")
   good = [LOOPJAX, "generate", "--hf", hf, "--prompts_file", str(prompts), "--max_new_tokens", "16",
-          "--output", str(out), "--compile_cache", CACHE]
+          "--output", str(out), "--compile_cache", SUBPROCESS_CACHE]
   bad = [LOOPJAX, "generate", "--hf", hf, "--prompt", "hello"]
   # JAX_PLATFORMS=cpu: the test extra installs libtpu, whose own start-up lines (no TPU here) would
   # otherwise reach stderr whenever its lock file is free; the one-line error is loopjax's to keep.

@@ -22,7 +22,7 @@ import safetensors.flax
 import tokenizers
 from flax import nnx
 
-from conftest import SHARED
+from conftest import SHARED, SUBPROCESS_CACHE
 from helpers import merged_model, random_params, tiny_config
 from loopjax.checkpoint import Checkpointer, CheckpointError, restore_params
 from loopjax.config import ConfigError, config_from_dict, load_config_file
@@ -37,7 +37,6 @@ from loopjax.train.trainer import build_trainer, make_mesh
 
 HF = os.path.join(SHARED, "fixtures", "ouro_tiny_mha", "hf")
 LOOPJAX = os.path.join(os.path.dirname(sys.executable), "loopjax")
-CACHE = os.path.join(os.path.expanduser("~"), ".cache", "loopjax", "xla-tests-subprocess")
 # The fixture's model (vocab 320, hidden 64, 2 layers, 4 heads of 16, MLP 160, T=4) on Mano data (32 ids at 3 operations).
 CONFIG = """
 from loopjax.config import default_config
@@ -168,10 +167,11 @@ def cli_runs(tmp_path_factory, config_file) -> dict:
   root = tmp_path_factory.mktemp("cli")
   workdir, grown = root / "w", root / "grown"
   assert "imported" in loopjax("import-hf", "--hf", HF, "--config", config_file, "--workdir", workdir) and (workdir / "checkpoints" / "0").is_dir()
-  train = background("train", "--config", config_file, "--workdir", workdir, f"--compile_cache={CACHE}")
+  train = background("train", "--config", config_file, "--workdir", workdir,
+                     f"--compile_cache={SUBPROCESS_CACHE}")
   loopjax("upscale", "--from", workdir / "checkpoints", "--to", grown / "checkpoints", "--layers", "4", "--step", "0")
   train_grown = background("train", "--config", config_file, "--workdir", grown, "--config.model.num_layers=4",
-                           "--config.train.steps=3", f"--compile_cache={CACHE}")
+                           "--config.train.steps=3", f"--compile_cache={SUBPROCESS_CACHE}")
   return {"workdir": str(workdir), "train": finished(train), "train_grown": finished(train_grown)}
 
 

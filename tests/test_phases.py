@@ -156,7 +156,7 @@ def smoke_expectations():
   return rows
 
 
-SMOKE = ["--config", "configs/recipe_smoke.py", f"--compile_cache={ts.CACHE}"]
+SMOKE = ["--config", "configs/recipe_smoke.py", f"--compile_cache={ts.SUBPROCESS_CACHE}"]
 
 
 def run_smoke(workdir):
