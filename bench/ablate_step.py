@@ -68,8 +68,7 @@ def main():
   parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds over the variants")
   parser.add_argument("--steps", type=int, default=2, help="timed steps per variant per round")
   args = parser.parse_args()
-  cfg = common.load_config(args.config)
-  cfg = common.with_model(cfg, **{k: type(cfg.model[k])(v) for k, v in (s.split("=") for s in args.set)})
+  cfg = common.with_overrides(common.load_config(args.config), args.set)
   bench = common.Bench(cfg, devices=jax.devices()[:1])
   cells = {}
   for label, patches in ABLATIONS.items():
@@ -84,12 +83,12 @@ def main():
       c["state"], wall, cpu = common.time_steps(c["compiled"], c["state"], bench.batch, args.steps)
       c["wall"].append(wall)
       c["cpu"].append(cpu)
-  full = common.median(cells["as configured"]["wall"])
+  configured = common.median(cells["as configured"]["wall"])
   rows = []
   for label, c in cells.items():
     wall = common.median(c["wall"])
     rows.append((label, f"{1e3 * wall:,.0f}", common.spread(c["wall"]), f"{1e3 * common.median(c['cpu']):,.0f}",
-                 f"{1e3 * (full - wall):,.0f}", f"{100 * (full - wall) / full:.0f}%"))
+                 f"{1e3 * (configured - wall):,.0f}", f"{100 * (configured - wall) / configured:.0f}%"))
   print(common.machine_line())
   overrides = f"; set {', '.join(args.set)}" if args.set else ""
   common.print_table(f"{args.config} (T={cfg.model.loop_steps}, remat {cfg.model.remat}{overrides}): the step "

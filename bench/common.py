@@ -50,6 +50,13 @@ def with_model(cfg, **model_fields):
   return cfg
 
 
+def with_overrides(cfg, overrides):
+  """`cfg` with model fields set from "name=value" strings (`--set`), each value parsed as the field's type."""
+  fields = dict(s.split("=", 1) for s in overrides)
+  parse = lambda key, v: v.lower() in ("1", "true") if isinstance(cfg.model[key], bool) else type(cfg.model[key])(v)
+  return with_model(cfg, **{key: parse(key, v) for key, v in fields.items()})
+
+
 def synthetic_batch(cfg, seed: int = 0) -> dict:
   """One global batch of random tokens; every row a single document covering the whole sequence."""
   rng = np.random.default_rng(seed)

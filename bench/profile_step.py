@@ -102,9 +102,7 @@ def main():
   parser.add_argument("--steps", type=int, default=3, help="traced steps")
   parser.add_argument("--set", action="append", default=[], help="model overrides, e.g. --set loop_steps=1")
   args = parser.parse_args()
-  cfg = common.with_model(common.load_config(args.config),
-                          **{k: type(common.load_config(args.config).model[k])(v)
-                             for k, v in (s.split("=") for s in args.set)})
+  cfg = common.with_overrides(common.load_config(args.config), args.set)
   with tempfile.TemporaryDirectory() as directory:
     hlo, trace_file = trace_step(cfg, args.steps, directory)
     times = op_times(trace_file)
