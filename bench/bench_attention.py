@@ -1,7 +1,11 @@
-"""Attention cores on this host: forward + backward time of `xla` and `blocked` (`auto`'s CPU choice).
+"""Attention cores on this host: forward and forward + backward time of xla, blocked and native.
 
-python bench/bench_attention.py [--batch 8 --heads 8 --kv_heads 8 --head_dim 32 --seqs 256,1024]
-Rows hold 4 documents each (segment ids), as packed training batches do.
+python bench/bench_attention.py [--batch 8 --heads 8 --kv_heads 8 --head_dim 32 --seqs 256,1024
+                                 --impls xla,blocked,native --blocks 32,64,128,256 --rounds 2]
+Rows hold 4 documents each (segment ids), as packed training batches do. The cases run interleaved,
+`--rounds` times, so a change in the machine's load shows as a spread rather than as a ranking.
+"useful GF/s" counts the flops of allowed (same-document, causal) pairs only: 4 H flops per pair
+forward (two matmuls), 2.5x that for forward + backward (five matmuls, one of them recomputed).
 """
 
 import argparse
@@ -34,22 +38,33 @@ def main():
   parser.add_argument("--kv_heads", type=int, default=8)
   parser.add_argument("--head_dim", type=int, default=32)
   parser.add_argument("--seqs", default="256,1024")
-  parser.add_argument("--blocks", default="32,64,128,256")
+  parser.add_argument("--impls", default="xla,blocked,native")
+  parser.add_argument("--blocks", default="32,64,128,256", help="blocked's block sizes")
+  parser.add_argument("--rounds", type=int, default=2)
   args = parser.parse_args()
-  print(f"{'seq':>6} {'impl':>14} {'fwd+bwd ms':>11} {'CPU ms':>9}")
+  impls = args.impls.split(",")
+  print(f"{'seq':>6} {'impl':>12} {'fwd ms':>8} {'fwd+bwd ms':>11} {'CPU ms':>9} {'useful GF/s':>11}")
   for seq in map(int, args.seqs.split(",")):
     keys = jax.random.split(jax.random.key(0), 3)
     q = jax.random.normal(keys[0], (args.batch, seq, args.heads, args.head_dim))
     k, v = (jax.random.normal(key, (args.batch, seq, args.kv_heads, args.head_dim)) for key in keys[1:])
     segment_ids = jnp.asarray(np.repeat(np.arange(1, 5), seq // 4)[None].repeat(args.batch, 0), jnp.int32)
-    cases = [("xla", 0)] + [("blocked", b) for b in map(int, args.blocks.split(",")) if b <= seq]
+    pairs = args.batch * args.heads * 4 * (seq // 4) * (seq // 4 + 1) / 2
+    gflop = 4 * args.head_dim * pairs / 1e9
+    cases = [(impl, block) for impl in impls
+             for block in ([b for b in map(int, args.blocks.split(",")) if b <= seq] if impl == "blocked" else [0])]
+    steps = {}
     for impl, block in cases:
       mask = attention.Mask(segment_ids, impl, block, block)
-      loss = lambda q, k, v, mask=mask: attention.core(q, k, v, mask, "float32").sum()
-      step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-      name = impl if not block else f"{impl}/{block}"
-      wall, cpu = time_call(step, q, k, v)
-      print(f"{seq:>6} {name:>14} {1e3 * wall:>11.1f} {1e3 * cpu:>9.1f}", flush=True)
+      core = lambda q, k, v, mask=mask: attention.core(q, k, v, mask, "float32")
+      steps[impl, block] = jax.jit(core), jax.jit(jax.grad(lambda q, k, v, core=core: core(q, k, v).sum(), (0, 1, 2)))
+    for _ in range(args.rounds):
+      for (impl, block), (forward, both) in steps.items():
+        fwd, _ = time_call(forward, q, k, v)
+        wall, cpu = time_call(both, q, k, v)
+        name = impl if not block else f"{impl}/{block}"
+        print(f"{seq:>6} {name:>12} {1e3 * fwd:>8.1f} {1e3 * wall:>11.1f} {1e3 * cpu:>9.1f} "
+              f"{2.5 * gflop / wall:>11.1f}", flush=True)
 
 
 if __name__ == "__main__":

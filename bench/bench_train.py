@@ -119,8 +119,15 @@ def peer_table(args):
               ("T=4, remat none", common.with_model(cfg, loop_steps=4, remat="none")),
               ("T=4, remat none, scans unrolled", common.with_model(cfg, loop_steps=4, remat="none", layer_unroll=4,
                                                                     loop_unroll=4)),
-              ("T=1, remat none, layers unrolled", common.with_model(cfg, loop_steps=1, remat="none", layer_unroll=4))]
-  variants = [(label, c, bench) for label, c in variants]
+              ("T=1, remat none, layers unrolled", common.with_model(cfg, loop_steps=1, remat="none", layer_unroll=4)),
+              ("T=1, remat full, native attention", common.with_model(cfg, loop_steps=1, attention="native")),
+              ("T=4, remat full, native attention", common.with_model(cfg, loop_steps=4, attention="native")),
+              ("T=4, remat full, blocked attention", common.with_model(cfg, loop_steps=4, attention="blocked")),
+              ("T=4, remat save_attention_core, native attention",
+               common.with_model(cfg, loop_steps=4, remat="save_attention_core", attention="native")),
+              ("T=4, remat none, native attention", common.with_model(cfg, loop_steps=4, remat="none",
+                                                                      attention="native"))]
+  variants = [(label, c, bench) for label, c in variants if any(word in label for word in args.only.split("|"))]
   if (n := jax.device_count()) > 1:
     spread_bench = common.Bench(cfg)
     variants += [(f"T=4, remat full, {n} CPU devices", common.with_model(cfg, loop_steps=4), spread_bench),
@@ -146,6 +153,8 @@ def main():
   parser.add_argument("--peak-gflops", type=float, default=0.0,
                       help="MFU denominator; 0 = XLA's float32 matmul FLOP/s measured in this process at the start "
                            "of every round (the better of 1024^3 and 2048^3, median of 5 runs each)")
+  parser.add_argument("--only", default="",
+                      help="peer table: only the variants whose label contains one of these |-separated strings")
   parser.add_argument("--cpu-devices", type=int, default=1,
                       help="fake CPU devices; > 1 adds peer variants run data-parallel over all of them")
   args = parser.parse_args()

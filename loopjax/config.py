@@ -61,8 +61,9 @@ def default_config() -> ml_collections.ConfigDict:
   m.loss_remat = "auto"
   m.init_std = 0.02
   # The attention core (loopjax/model/attention.py): "xla" (dense [S, S] scores), "blocked" (pure-JAX
-  # flash-style, O(S) memory), "splash" (Pallas TPU kernel), "cudnn" (GPU, rows without documents), or
-  # "auto": splash on TPU, cudnn on GPU where it can express the mask (else blocked), xla on CPU.
+  # flash-style, O(S) memory), "native" (a C++ XLA:CPU kernel, built on first use), "splash" (Pallas TPU
+  # kernel), "cudnn" (GPU, rows without documents), or "auto": splash on TPU, cudnn on GPU where it can
+  # express the mask (else blocked), AUTO["cpu"] on CPU (attention.py says which and why).
   m.attention = "auto"
   # blocked/splash block sizes, capped at the sequence; a set size must tile train.seq_len. 0 = the
   # implementation's default (blocked 128, splash 512; the whole sequence where that does not tile it).

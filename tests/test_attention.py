@@ -2,7 +2,9 @@
 
 Tolerance: max abs error / max abs reference value <= 2e-5 for float32 inputs (forward and the
 gradients of q, k, v), 1e-12 for blocked attention in float64. The case has documents, padding
-(segment id 0), GQA (4 query heads on 2 kv heads) and blocks of different query and key sizes.
+(segment id 0), GQA (4 query heads on 2 kv heads) and blocks of different query and key sizes. The
+native kernel is also checked where its tiles do not fit (odd S and H), in bf16, against central
+finite differences of itself, and with documents that recur after another one.
 """
 
 import json
@@ -14,7 +16,7 @@ import pytest
 
 from helpers import tiny_config
 from loopjax.config import ConfigError, validate
-from loopjax.model import attention
+from loopjax.model import attention, native_attention
 from loopjax.train.driver import train
 from loopjax.train.trainer import resolve_attention
 
@@ -58,6 +60,7 @@ IMPLEMENTATIONS = {
     "blocked-64x32": lambda q, k, v, seg: attention.core(q, k, v, attention.Mask(seg, "blocked", 64, 32), "float32"),
     "blocked-default": lambda q, k, v, seg: attention.core(q, k, v, attention.Mask(seg, "blocked"), "float32"),
     "splash-interpret": lambda q, k, v, seg: attention.splash(q, k, v, seg, 128, 128, interpret=True),
+    "native": lambda q, k, v, seg: attention.core(q, k, v, attention.Mask(seg, "native"), "float32"),
 }
 
 
@@ -75,6 +78,48 @@ def test_blocked_is_exact_in_float64_and_without_documents():
     assert_close(values_and_grads(blocked(seg), q, k, v), WANT, 1e-12)
     causal = values_and_grads(lambda q, k, v: reference(q, k, v, jnp.ones((B, S), jnp.int32)), q, k, v)
     assert_close(values_and_grads(blocked(None), q, k, v), causal, 1e-12)
+
+
+def native(seg):
+  return lambda q, k, v: attention.core(q, k, v, attention.Mask(seg, "native"), "float32")
+
+
+def test_native_where_its_tiles_do_not_fit():
+  """S 100 and H 24 (its query blocks are 64 rows, its tiles 16 or 32 columns), 6 heads on 3; a document
+  id that recurs after another one (its keys are allowed, across the gap); bf16 in, bf16 out."""
+  rng = np.random.default_rng(1)
+  shapes = [(2, 100, 6, 24), (2, 100, 3, 24), (2, 100, 3, 24)]
+  q, k, v = (rng.standard_normal(shape) for shape in shapes)
+  seg = np.ones((2, 100), np.int32)
+  seg[0, 30:70], seg[1, 90:] = 2, 0
+  with jax.enable_x64():
+    want = [np.asarray(x) for x in jax.vjp(lambda q, k, v: reference(q, k, v, jnp.asarray(seg)), q, k, v)[1](
+        np.cos(np.arange(24.0)) * np.ones((2, 100, 6, 1)))]
+    want.insert(0, np.asarray(reference(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(seg))))
+  f32 = [jnp.asarray(x, jnp.float32) for x in (q, k, v)]
+  out, vjp = jax.vjp(native(jnp.asarray(seg)), *f32)
+  got = [out, *vjp(jnp.asarray(np.cos(np.arange(24.0)) * np.ones((2, 100, 6, 1)), jnp.float32))]
+  assert_close([np.asarray(x, np.float64) for x in got], want, 2e-5)
+  bf16 = native(jnp.asarray(seg))(*(x.astype(jnp.bfloat16) for x in f32))
+  assert bf16.dtype == jnp.bfloat16
+  assert np.abs(np.asarray(bf16, np.float64) - want[0]).max() <= 2e-2 * np.abs(want[0]).max()
+
+
+def test_native_gradient_matches_finite_differences():
+  """<grad, d> against (f(x + eps d) - f(x - eps d)) / 2 eps of the kernel itself, float32, eps 1e-2:
+  truncation O(eps^2) and rounding O(1e-7 / eps) are both below the 1e-3 relative tolerance."""
+  q, k, v, seg = (x[:, :72] for x in inputs())
+  weights = jnp.sin(jnp.arange(q.size, dtype=jnp.float32)).reshape(q.shape)
+  loss = lambda q, k, v: jnp.sum(native(seg)(q, k, v) * weights)
+  grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+  directions = [jnp.asarray(np.random.default_rng(i).standard_normal(x.shape), jnp.float32) for i, x in
+                enumerate((q, k, v))]
+  eps = 1e-2
+  plus = loss(*(x + eps * d for x, d in zip((q, k, v), directions)))
+  minus = loss(*(x - eps * d for x, d in zip((q, k, v), directions)))
+  numeric = float(plus - minus) / (2 * eps)
+  analytic = sum(float(jnp.vdot(g, d)) for g, d in zip(grads, directions))
+  assert abs(numeric - analytic) <= 1e-3 * abs(analytic), (numeric, analytic)
 
 
 def _avals(jaxpr):
@@ -99,12 +144,15 @@ def test_blocked_builds_no_sequence_by_sequence_array():
 
 
 @pytest.mark.parametrize("impl, platform, dtype, documents, want, says_why", [
-    ("auto", "cpu", "float32", True, "blocked", False),
+    ("auto", "cpu", "float32", True, "native", False),
+    ("auto", "cpu", "float64", True, "blocked", True),  # native is float32
     ("auto", "tpu", "bfloat16", True, "splash", False),
     ("auto", "cuda", "bfloat16", False, "cudnn", False),
     ("auto", "cuda", "bfloat16", True, "blocked", True),  # cudnn cannot express documents: explicit fall-back
     ("cudnn", "gpu", "float32", False, "blocked", True),  # nor float32
     ("xla", "tpu", "bfloat16", True, "xla", False),
+    ("native", "cpu", "bfloat16", True, "native", False),  # computed in float32
+    ("native", "cpu", "float64", True, "blocked", True),  # float64 checks stay exact in float64
 ])
 def test_resolution_per_backend(impl, platform, dtype, documents, want, says_why):
   chosen, note = attention.resolve(impl, platform, dtype, documents)
@@ -131,6 +179,7 @@ def test_bad_attention_config_names_the_field(overrides, field):
     ("splash", "cpu", 128, "'splash' does not run on cpu devices"),
     ("cudnn", "tpu", 128, "'cudnn' does not run on tpu devices"),
     ("splash", "tpu", 96, "multiples of 128"),  # splash tiles by 128
+    ("native", "tpu", 128, "'native' does not run on tpu devices"),
 ])
 def test_backend_checks_at_start_up(impl, platform, seq_len, message):
   cfg = tiny_config(attention=impl, compute_dtype="bfloat16")
@@ -138,6 +187,22 @@ def test_backend_checks_at_start_up(impl, platform, seq_len, message):
   with pytest.raises(ConfigError, match=r"config\.model\.attention: .*Fix: ") as e:
     resolve_attention(cfg, platform)
   assert message in str(e.value)
+
+
+def test_native_without_a_compiler_is_a_start_up_error(monkeypatch, caplog):
+  monkeypatch.setenv("CXX", "/nonexistent/g++")
+  native_attention._load.cache_clear()
+  try:
+    with pytest.raises(ConfigError, match=r"config\.model\.attention: 'native' on cpu: native cannot run here: no "
+                                          r"C\+\+ compiler .*Fix: install a C\+\+ compiler"):
+      resolve_attention(tiny_config(attention="native"), "cpu")
+    with caplog.at_level("WARNING", logger="loopjax"):
+      assert resolve_attention(tiny_config(), "cpu").model.attention == "blocked"  # auto falls back
+    assert "auto would take native, but no C++ compiler" in caplog.text
+  finally:
+    monkeypatch.undo()
+    native_attention._load.cache_clear()
+  assert resolve_attention(tiny_config(attention="native"), "cpu").model.attention == "native"
 
 
 def test_auto_falls_back_to_blocked_where_splash_cannot_tile(caplog):
@@ -156,7 +221,7 @@ def test_training_logs_and_records_the_resolved_implementation(tmp_path, caplog)
   cfg.train.steps, cfg.train.log_every, cfg.train.batch_size = 2, 1, 8
   with caplog.at_level("INFO", logger="loopjax"):
     result = train(cfg, str(tmp_path))
-  assert "attention: blocked (model.attention=auto on cpu, seq 16)" in caplog.text
+  assert "attention: native (model.attention=auto on cpu, seq 16)" in caplog.text
   with open(result.metrics_path) as f:
     rows = [json.loads(line) for line in f]
-  assert rows[0]["attention"] == "blocked" and "attention" not in rows[1]
+  assert rows[0]["attention"] == "native" and "attention" not in rows[1]

@@ -39,7 +39,7 @@ def _param_shardings(cfg, mesh):
   return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs, is_leaf=lambda x: isinstance(x, P))
 
 
-@pytest.mark.parametrize("attention", ["xla", "blocked"])
+@pytest.mark.parametrize("attention", ["xla", "blocked", "native"])  # native: per shard
 def test_context_parallel_mesh_equals_one_device(attention):
   cfg = tiny_config(attention=attention)
   cfg.train.batch_size, cfg.train.seq_len = 4, 16

@@ -8,8 +8,10 @@ recomputes only the two attention matmuls (they have batch dimensions, so the po
 does not have, so there it recomputes all 9 like "full". With the blocked core (two blocks, so its loops
 stay loops) the 2 attention matmuls sit in the forward loop and 5 in the backward loop (the
 probabilities recomputed, dp, dq, dk, dv): 9 forward, 19 backward, and "save_attention_core" recomputes
-the 7 projection and MLP matmuls but not the attention loop. The dot count of the optimized HLO must
-come out exactly so. (With one layer XLA removes the scan's loop and merges the recomputation with the
+the 7 projection and MLP matmuls but not the attention loop. The native core is one FFI call each way
+(no dots): 7 forward, 14 backward, and the policies that recompute attention ("save_matmuls" too: the
+call is not a matmul) call its forward twice, where "none" and "save_attention_core" call it once. The dot count of the
+optimized HLO (and the native core's forward calls) must come out exactly so. (With one layer XLA removes the scan's loop and merges the recomputation with the
 forward pass, so the count is taken with two.)
 """
 
@@ -24,13 +26,15 @@ from helpers import random_params, tiny_config
 from loopjax.model import attention, layers
 from loopjax.model.stack import scan_layers
 
-DOTS = {"xla": (9, 18), "blocked": (9, 19)}  # forward, backward
+DOTS = {"xla": (9, 18), "blocked": (9, 19), "native": (7, 14)}  # forward, backward
 RECOMPUTED = {"xla": {"none": 0, "save_matmuls": 2, "save_attention_out": 8, "save_attention_core": 9, "full": 9},
               "blocked": {"none": 0, "save_matmuls": 2, "save_attention_out": 8, "save_attention_core": 7,
-                          "full": 9}}
+                          "full": 9},
+              "native": {"none": 0, "save_matmuls": 0, "save_attention_out": 6, "save_attention_core": 7, "full": 7}}
+NATIVE_FORWARD_CALLS = {"none": 1, "save_matmuls": 2, "save_attention_out": 2, "save_attention_core": 1, "full": 2}
 
 
-def compiled_dot_count(policy: str, core: str) -> int:
+def compiled_gradient(policy: str, core: str) -> str:
   cfg = tiny_config(num_layers=2)  # two layers: the scan stays a loop, so XLA cannot merge fwd and recompute
   m = cfg.model
   stack = jax.tree.map(jnp.asarray, random_params(m)["stack"])
@@ -43,13 +47,16 @@ def compiled_dot_count(policy: str, core: str) -> int:
     layer = lambda p, x: layers.sandwich_layer(p, x, cos_BSH, sin_BSH, mask, eps=m.norm_eps, dtype=jnp.float32)
     return jnp.sum(scan_layers(layer, stack, x_BSD, policy) ** 2)
 
-  hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(stack, x_BSD).compile().as_text()
-  return len(re.findall(r"= \S+ dot\(", hlo))
+  return jax.jit(jax.grad(loss, argnums=(0, 1))).lower(stack, x_BSD).compile().as_text()
 
 
 @pytest.mark.parametrize("core,policy", [(core, policy) for core in RECOMPUTED for policy in sorted(RECOMPUTED[core])])
 def test_remat_policy_recomputes_what_its_name_says(core, policy):
-  assert compiled_dot_count(policy, core) == sum(DOTS[core]) + RECOMPUTED[core][policy]
+  hlo = compiled_gradient(policy, core)
+  assert len(re.findall(r"= \S+ dot\(", hlo)) == sum(DOTS[core]) + RECOMPUTED[core][policy]
+  if core == "native":
+    assert hlo.count('custom_call_target="loopjax_attention_forward"') == NATIVE_FORWARD_CALLS[policy]
+    assert hlo.count('custom_call_target="loopjax_attention_backward"') == 1
 
 
 def test_unrolled_scans_compute_the_same_loss_and_gradients():

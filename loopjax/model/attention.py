@@ -8,6 +8,9 @@
            diagonal, O(S) memory, a backward pass that recomputes. Any backend.
   splash   the Pallas TPU kernel `splash_attention` (causal mask + segment ids, its own backward),
            run per shard under `shard_map`. TPU only (tests use its interpret mode on CPU).
+  native   a fused C++ kernel for XLA:CPU (`native_attention.py`): forward and backward in one pass per
+           (row, head) with the scores in cache, float32, O(S) memory. CPU only; built on first use with
+           the host's C++ compiler, so where there is none (or float64) `resolve` falls back to blocked.
   cudnn    cuDNN flash attention through `jax.nn.dot_product_attention(implementation="cudnn")`,
            GPU only, bf16/f16 only. That API takes no segment ids (only a dense mask, O(S^2) again),
            so rows that hold several documents cannot use it: `resolve` falls back to blocked, saying so.
@@ -24,15 +27,17 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from loopjax.model import native_attention
 from loopjax.model.blocked_attention import blocked_attention
 from loopjax.sharding import logical_to_spec
 
-IMPLEMENTATIONS = ("auto", "xla", "blocked", "splash", "cudnn")
-AVAILABLE = {"cpu": ("xla", "blocked"), "gpu": ("xla", "blocked", "cudnn"), "tpu": ("xla", "blocked", "splash")}
-# CPU: blocked. Forward + backward on 2 CPU cores (bench/bench_attention.py; B 8, 8 heads of 32, 4
-# documents per row): seq 256 xla 77-164 ms, blocked/128 60-68 ms; seq 1024 xla 4.4-4.8 s, blocked/128
-# 0.59-0.94 s; seq 128 equal (16-18 ms, one block). BENCHMARKS.md "Attention" has the newer figures.
-AUTO = {"cpu": "blocked", "gpu": "cudnn", "tpu": "splash"}
+IMPLEMENTATIONS = ("auto", "xla", "blocked", "native", "splash", "cudnn")
+AVAILABLE = {"cpu": ("xla", "blocked", "native"), "gpu": ("xla", "blocked", "cudnn"), "tpu": ("xla", "blocked", "splash")}
+# CPU: native, where it builds (else blocked). Forward + backward on 2 CPU cores (bench/bench_attention.py;
+# B 8, 8 heads of 32, 4 documents per row, AMD EPYC, 2026-12-03): seq 256 blocked/64 20-21 ms, native
+# 8-8.5 ms; seq 1024 blocked/64 270-274 ms, native 58-62 ms. The peer training step at T=4 (bench_train.py
+# --tables peer) took 2.0 s with native and 2.8 s with blocked. BENCHMARKS.md "Attention" has the history.
+AUTO = {"cpu": "native", "gpu": "cudnn", "tpu": "splash"}
 # Block size when model.attention_block_q/_kv is 0: blocked's fastest on CPU (64: a block's scores stay in
 # cache; 128 made its backward 1.4-2x slower at seq 256 and 1024, 2026-12-02); MaxText's on TPU.
 DEFAULT_BLOCK = {"blocked": 64, "splash": 512}
@@ -54,10 +59,16 @@ def platform_of(platform: str) -> str:
 
 
 def resolve(impl: str, platform: str, compute_dtype: str, documents: bool) -> tuple[str, str]:
-  """(implementation, note): `auto` made concrete for `platform`, and cudnn's fall-back to blocked where
-  it cannot express the mask (several documents per row) or the dtype. The note says why ("" if none)."""
+  """(implementation, note): `auto` made concrete for `platform`, and the fall-backs to blocked: cudnn's
+  where it cannot express the mask (several documents per row) or the dtype, native's in float64 (and,
+  for auto, where it cannot be built). The note says why ("" if none)."""
   platform = platform_of(platform)
   chosen = AUTO.get(platform, "xla") if impl == "auto" else impl
+  if chosen == "native":
+    if compute_dtype == "float64":
+      return "blocked", "model.attention: native runs in float32, not float64; using blocked attention"
+    if impl == "auto" and (why := native_attention.problem()):
+      return "blocked", f"model.attention: auto would take native, but {why}; using blocked attention"
   if chosen != "cudnn":
     return chosen, ""
   if documents:
@@ -82,6 +93,8 @@ def backend_problem(impl: str, platform: str, seq_len: int, block_q: int, block_
   if impl not in available:
     return (f"{impl!r} does not run on {platform} devices",
             f"use one of {('auto', *available)} (auto picks {AUTO.get(platform, 'xla')} here)")
+  if impl == "native" and (why := native_attention.problem()):
+    return f"native cannot run here: {why}", "install a C++ compiler (g++) or use model.attention=blocked"
   if impl == "splash":
     blocks = (block_size(impl, block_q, seq_len), block_size(impl, block_kv, seq_len))
     if seq_len % SPLASH_TILE or any(b % SPLASH_TILE for b in blocks):
@@ -165,17 +178,27 @@ def _splash_local(q_BSNH, k_BSKH, v_BSKH, segment_ids_BS, block_q: int, block_kv
   return jnp.swapaxes(jax.vmap(row)(q_BNSH, k_BKSH, v_BKSH, segment_ids_BS), 1, 2)
 
 
-def splash(q_BSNH, k_BSKH, v_BSKH, segment_ids_BS, block_q: int, block_kv: int, interpret: bool = False):
-  """Pallas splash attention. A Pallas call is not partitioned by XLA, so under a mesh it runs per shard
-  of the batch and heads through `shard_map` (the sequence stays whole on each device)."""
+def _per_shard(local, q_BSNH, k_BSKH, v_BSKH, segment_ids_BS):
+  """`local(q, k, v, seg_BS)` on each device's shard of the batch and heads (the sequence whole): XLA does
+  not partition a kernel call (Pallas, FFI), so under a mesh it runs through `shard_map`."""
   B, S = q_BSNH.shape[:2]
   seg_BS = jnp.zeros((B, S), jnp.int32) if segment_ids_BS is None else segment_ids_BS.astype(jnp.int32)
-  local = functools.partial(_splash_local, block_q=block_q, block_kv=block_kv, interpret=interpret)
   if jax.sharding.get_abstract_mesh().empty:
     return local(q_BSNH, k_BSKH, v_BSKH, seg_BS)
   heads = logical_to_spec(("batch", None, "act_heads", None))
   return jax.shard_map(local, in_specs=(heads, heads, heads, logical_to_spec(("batch", None))), out_specs=heads,
                        check_vma=False)(q_BSNH, k_BSKH, v_BSKH, seg_BS)
+
+
+def splash(q_BSNH, k_BSKH, v_BSKH, segment_ids_BS, block_q: int, block_kv: int, interpret: bool = False):
+  """Pallas splash attention, per shard."""
+  local = functools.partial(_splash_local, block_q=block_q, block_kv=block_kv, interpret=interpret)
+  return _per_shard(local, q_BSNH, k_BSKH, v_BSKH, segment_ids_BS)
+
+
+def native(q_BSNH, k_BSKH, v_BSKH, segment_ids_BS):
+  """The native CPU kernel (`native_attention.py`), per shard."""
+  return _per_shard(native_attention.native_attention, q_BSNH, k_BSKH, v_BSKH, segment_ids_BS)
 
 
 def core(q_BSNH, k_BSKH, v_BSKH, mask: Mask | None, compute_dtype: str) -> jax.Array:
@@ -188,6 +211,8 @@ def core(q_BSNH, k_BSKH, v_BSKH, mask: Mask | None, compute_dtype: str) -> jax.A
                              block_size(impl, mask.block_kv, seq))
   if impl == "splash":
     return splash(q_BSNH, k_BSKH, v_BSKH, mask.segment_ids_BS, mask.block_q, mask.block_kv)
+  if impl == "native":
+    return native(q_BSNH, k_BSKH, v_BSKH, mask.segment_ids_BS)
   if impl == "cudnn":
     return cudnn(q_BSNH, k_BSKH, v_BSKH, mask.segment_ids_BS)
   return xla(q_BSNH, k_BSKH, v_BSKH, mask.segment_ids_BS)

@@ -1,0 +1,128 @@
+"""The native CPU attention core: `native/attention_cpu.cc` through the XLA FFI, with its own backward.
+
+Why (issue 11): on 2 CPU cores the pure-JAX blocked core spends most of its time between its block
+matmuls; one fused C++ pass per (row, head) keeps the scores in cache and runs 2-3x faster
+(BENCHMARKS.md). It is exact (float32, an exact softmax over each query block's reach) and
+deterministic (fixed summation order whatever the thread count).
+
+The library is compiled on first use with the host's C++ compiler (`$CXX`, default g++; -O3
+-march=native) into `$LOOPJAX_NATIVE_CACHE` (default ~/.cache/loopjax/native), under a name keyed by
+the source, the jaxlib version, the compiler's version and the CPU's flags, and written atomically
+(a temporary file renamed into place) so that concurrent processes never load a half-written one.
+`problem()` says why it cannot be used (no compiler, a failed build); `attention.resolve` then falls
+back to blocked for `auto`, and an explicit `model.attention=native` fails at start-up.
+
+float32 only: other compute dtypes are cast to float32 around the call (float64 runs, which check
+numerics, are resolved to blocked instead).
+"""
+
+import ctypes
+import functools
+import hashlib
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+SOURCE = pathlib.Path(__file__).parent / "native" / "attention_cpu.cc"
+TARGETS = {"loopjax_attention_forward": "LoopjaxAttentionForward",
+           "loopjax_attention_backward": "LoopjaxAttentionBackward"}
+
+
+def _cpu_flags() -> str:
+  """What -march=native compiles for: the CPU's flags line (Linux), else the machine's name."""
+  try:
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("flags"):
+        return line
+  except OSError:
+    pass
+  return platform.machine() + platform.processor()
+
+
+def _compile(compiler: str) -> pathlib.Path:
+  """The built library (built now unless the cache has it); RuntimeError with the compiler's output."""
+  version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+  source = SOURCE.read_bytes()
+  key = hashlib.sha256(b"\0".join([source, jax.lib.__version__.encode(), version.encode(),
+                                   _cpu_flags().encode()])).hexdigest()[:16]
+  cache = pathlib.Path(os.environ.get("LOOPJAX_NATIVE_CACHE", "~/.cache/loopjax/native")).expanduser()
+  library = cache / f"attention_cpu-{key}.so"
+  if library.exists():
+    return library
+  cache.mkdir(parents=True, exist_ok=True)
+  fd, partial = tempfile.mkstemp(dir=cache, prefix=library.name, suffix=".partial")
+  os.close(fd)
+  command = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", f"-I{jax.ffi.include_dir()}",
+             str(SOURCE), "-o", partial]
+  built = subprocess.run(command, capture_output=True, text=True)  # XLA's headers print warnings
+  if built.returncode:
+    os.unlink(partial)
+    raise RuntimeError(f"{' '.join(command)} failed:\n{built.stderr[-2000:]}")
+  os.replace(partial, library)
+  return library
+
+
+@functools.cache
+def _load() -> str:
+  """Builds and registers the FFI targets once per process; "" on success, else what went wrong."""
+  compiler = os.environ.get("CXX", "g++")
+  if shutil.which(compiler) is None:
+    return f"no C++ compiler ({compiler!r} is not on PATH; set $CXX or install g++)"
+  try:
+    handle = ctypes.cdll.LoadLibrary(str(_compile(compiler)))
+  except (RuntimeError, OSError, subprocess.CalledProcessError) as error:
+    return f"building {SOURCE.name} failed: {error}"
+  for target, symbol in TARGETS.items():
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(handle, symbol)), platform="cpu")
+  return ""
+
+
+def problem() -> str:
+  """Why the native core cannot run in this process ("" if it can); builds it on the first call."""
+  return _load()
+
+
+def _call(target: str, results, *args):
+  if problem():
+    raise RuntimeError(f"native attention: {problem()}")
+  return jax.ffi.ffi_call(target, results, vmap_method="sequential")(*args)
+
+
+def _forward(q_BSNH, k_BSKH, v_BSKH, seg_BS):
+  B, S, N, _ = q_BSNH.shape
+  results = (jax.ShapeDtypeStruct(q_BSNH.shape, jnp.float32), jax.ShapeDtypeStruct((B, N, S), jnp.float32))
+  out_BSNH, lse_BNS = _call("loopjax_attention_forward", results, q_BSNH, k_BSKH, v_BSKH, seg_BS)
+  # Named like the blocked core's residuals, so remat="save_attention_core" keeps them.
+  out_BSNH, lse_BNS = checkpoint_name(out_BSNH, "attention_core"), checkpoint_name(lse_BNS, "attention_core")
+  return out_BSNH, (q_BSNH, k_BSKH, v_BSKH, seg_BS, out_BSNH, lse_BNS)
+
+
+def _backward(residuals, dout_BSNH):
+  q_BSNH, k_BSKH, v_BSKH = residuals[:3]
+  results = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q_BSNH, k_BSKH, v_BSKH))
+  dq, dk, dv = _call("loopjax_attention_backward", results, *residuals, dout_BSNH.astype(jnp.float32))
+  return dq, dk, dv, None
+
+
+@jax.custom_vjp
+def _attention(q_BSNH, k_BSKH, v_BSKH, seg_BS):
+  return _forward(q_BSNH, k_BSKH, v_BSKH, seg_BS)[0]
+
+
+_attention.defvjp(_forward, _backward)
+
+
+def native_attention(q_BSNH, k_BSKH, v_BSKH, segment_ids_BS) -> jax.Array:
+  """softmax(q k^T / sqrt(H)) v, causal and within documents (None: one document per row), on one
+  device's arrays; computed in float32 and returned in q's dtype."""
+  B, S = q_BSNH.shape[:2]
+  seg_BS = jnp.zeros((B, S), jnp.int32) if segment_ids_BS is None else segment_ids_BS.astype(jnp.int32)
+  q, k, v = (x.astype(jnp.float32) for x in (q_BSNH, k_BSKH, v_BSKH))
+  return _attention(q, k, v, seg_BS).astype(q_BSNH.dtype)
