@@ -10,7 +10,9 @@ matmul 1,180 us against about 650), so its figures are shares, not costs. This s
 question: how much faster is the real jitted step (`build_trainer`) without one part? Each variant
 replaces one model function while it is traced and compiled, so the compiled step simply lacks it:
 
-  attention core   softmax(q k^T) v -> v (the projections, RoPE and o-projection stay)
+  attention core   softmax(q k^T) v -> v + 1e-30 (q + k): elementwise, and q and k stay live, so their
+                   projections and RoPE stay in the step (with v alone XLA drops them as dead code,
+                   which charged their matmuls to the core: 634 ms against 507 in two noisy runs, 2026-12-03)
   LM head + CE     each step's CE -> mean_D(h) * kernel[0, 0] (h and the kernel still get gradients)
   RMSNorms         w * x / rms(x) -> w * x
   RoPE             identity
@@ -31,7 +33,8 @@ from loopjax.model import attention, base, layers
 
 
 def _core_is_v(q_BSNH, k_BSKH, v_BSKH, mask, compute_dtype):
-  return jnp.repeat(v_BSKH, q_BSNH.shape[2] // v_BSKH.shape[2], axis=2)
+  group = q_BSNH.shape[2] // v_BSKH.shape[2]
+  return jnp.repeat(v_BSKH, group, axis=2) + 1e-30 * (q_BSNH + jnp.repeat(k_BSKH, group, axis=2))
 
 
 def _ce_is_mean(h_BSD, kernel_DV, targets_BS, chunk, save_logit_grads):

@@ -98,16 +98,6 @@ inline void tile(const float* a, int64_t lda, const float* b, int64_t ldb, int d
   for (int r = 0; r < R; ++r) { store(c + r * ldc, acc[r][0]); store(c + r * ldc + V, acc[r][1]); }
 }
 
-// c[0:rows, 0:cols] (+)= A b, A rows x depth (or its transpose, see `tile`); rows % R == cols % TILE == 0.
-template <bool ACCUMULATE, bool A_TRANSPOSED>
-void matmul(const float* a, int64_t lda, const float* b, int64_t ldb, int rows, int cols, int depth, float* c,
-            int64_t ldc) {
-  for (int r0 = 0; r0 < rows; r0 += R)
-    for (int c0 = 0; c0 < cols; c0 += TILE)
-      tile<ACCUMULATE, A_TRANSPOSED>(a + (A_TRANSPOSED ? r0 : r0 * lda), lda, b + c0, ldb, depth,
-                                     c + r0 * ldc + c0, ldc);
-}
-
 // Runs work(i) for i in [0, total) on the pool and the calling thread; returns when all are done. The
 // caller drains items too, so this finishes even when every pool thread is busy elsewhere.
 void parallel_for(ffi::ThreadPool& pool, int64_t total, std::function<void(int64_t)> work) {
@@ -140,25 +130,32 @@ struct Dims {
   int Sp() const { return round_up(int(S), TILE); }
 };
 
-// One row's keys and values, padded to tiles: transposed ([Hp, Sp], columns are positions) for the
-// products with q and dout, row-major ([Sp, Hp]) for the products with p and ds.
+// One row's keys and values, padded to tiles, in the layouts a pass needs: transposed ([Hp, Sp],
+// columns are positions) for the products with q and dout, row-major ([Sp, Hp]) for the products with
+// p and ds. (Laying out all four costs a fifth of a forward item at S 256, H 32.)
+enum Layouts { K_HS = 1, V_HS = 2, K_SH = 4, V_SH = 8 };
+
 struct KeyValues {
   std::vector<float> k_HS, v_HS, k_SH, v_SH;
   std::vector<int32_t> segment;  // [Sp], -1 past the sequence (never compared: causality excludes it)
   std::vector<int> first;        // [S]: the first position of each position's segment id
 
-  KeyValues(const Dims& d, const float* k, const float* v, const int32_t* seg, int64_t b, int64_t kh)
-      : k_HS(size_t(d.Hp()) * d.Sp()), v_HS(k_HS.size()), k_SH(k_HS.size()), v_SH(k_HS.size()),
-        segment(d.Sp(), -1), first(d.S) {
+  KeyValues(const Dims& d, const float* k, const float* v, const int32_t* seg, int64_t b, int64_t kh, int layouts)
+      : segment(d.Sp(), -1), first(d.S) {
     const int S = d.S, H = d.H, Hp = d.Hp(), Sp = d.Sp();
-    std::unordered_map<int32_t, int> first_of;
+    const size_t size = size_t(Hp) * Sp;
+    for (auto [flag, x] : {std::pair{K_HS, &k_HS}, {V_HS, &v_HS}, {K_SH, &k_SH}, {V_SH, &v_SH}})
+      if (layouts & flag) x->assign(size, 0.f);
     for (int s = 0; s < S; ++s) {
       const float* ks = k + ((b * S + s) * d.K + kh) * H;
       const float* vs = v + ((b * S + s) * d.K + kh) * H;
-      for (int h = 0; h < H; ++h) {
-        k_HS[size_t(h) * Sp + s] = k_SH[size_t(s) * Hp + h] = ks[h];
-        v_HS[size_t(h) * Sp + s] = v_SH[size_t(s) * Hp + h] = vs[h];
-      }
+      if (layouts & K_HS) for (int h = 0; h < H; ++h) k_HS[size_t(h) * Sp + s] = ks[h];
+      if (layouts & V_HS) for (int h = 0; h < H; ++h) v_HS[size_t(h) * Sp + s] = vs[h];
+      if (layouts & K_SH) std::memcpy(&k_SH[size_t(s) * Hp], ks, H * sizeof(float));
+      if (layouts & V_SH) std::memcpy(&v_SH[size_t(s) * Hp], vs, H * sizeof(float));
+    }
+    std::unordered_map<int32_t, int> first_of;
+    for (int s = 0; s < S; ++s) {
       segment[s] = seg[b * S + s];
       first[s] = first_of.emplace(segment[s], s).first->second;
     }
@@ -171,21 +168,53 @@ struct KeyValues {
   }
 };
 
-// Masks (to -inf) and exponentiates one block of scores in place: p = exp(s - offset) where offset is
-// the row's max (forward, returned through `offset`) or its logsumexp (backward, given). Rows past
-// `rows` (tile padding) become zeros. Returns nothing; `sums` gets each row's sum of p.
+// The end of the keys that register rows [r0, r0 + R) of a block at i0 compute: their diagonal, tile
+// aligned (so the upper triangle of the diagonal block is mostly skipped, not computed and masked).
+inline int group_end(int i0, int r0, int end) { return std::min(end, round_up(i0 + r0 + R, TILE)); }
+
+// s[0:rows_p, start:group_end) = a[0:rows_p, 0:depth] b_HS[0:depth, start:group_end), by register rows.
+void scores(const float* a, int lda, const float* b_HS, int ldb, int depth, int i0, int rows_p, int start, int end,
+            float* s, int lds) {
+  for (int r0 = 0; r0 < rows_p; r0 += R)
+    for (int c0 = start, e = group_end(i0, r0, end); c0 < e; c0 += TILE)
+      tile<false, false>(a + r0 * lda, lda, b_HS + c0, ldb, depth, s + r0 * lds + c0, lds);
+}
+
+// c[0:rows_p, 0:Hp] = p[0:rows_p, start:group_end) x_SH[start:group_end, 0:Hp]: p v, ds k.
+void times_keys(const float* p, int ldp, const float* x_SH, int Hp, int i0, int rows_p, int start, int end, float* c) {
+  for (int r0 = 0; r0 < rows_p; r0 += R)
+    for (int h0 = 0; h0 < Hp; h0 += TILE)
+      tile<false, false>(p + r0 * ldp + start, ldp, x_SH + size_t(start) * Hp + h0, Hp, group_end(i0, r0, end) - start,
+                         c + r0 * Hp + h0, Hp);
+}
+
+// c_SH[start:end, 0:Hp] += p^T x: dv += p^T dout, dk += ds^T q. Key rows [c0, c0 + R) meet only the
+// query rows at or after them (the others are causally masked and, past their group_end, not computed).
+void keys_times(const float* p, int ldp, const float* x, int Hp, int i0, int rows_p, int start, int end, float* c_SH) {
+  for (int c0 = start; c0 < end; c0 += R) {
+    const int j0 = std::max(0, c0 - i0);
+    if (j0 >= rows_p) break;
+    for (int h0 = 0; h0 < Hp; h0 += TILE)
+      tile<true, true>(p + size_t(j0) * ldp + c0, ldp, x + j0 * Hp + h0, Hp, rows_p - j0, c_SH + size_t(c0) * Hp + h0, Hp);
+  }
+}
+
+// Masks (to -inf) and exponentiates one block of scores in place, each row over [start, its group_end):
+// p = exp(s - offset), where offset is the row's max (forward, written to `offset`) or its logsumexp
+// (backward, given); `sums` gets each row's sum of p. Rows past `rows` (tile padding) become zeros.
 void mask_and_exp(const KeyValues& kv, int i0, int rows, int rows_p, int start, int end, float* s, int64_t lds,
                   float* offset, bool offset_is_max, float* sums) {
   for (int r = 0; r < rows_p; ++r) {
     float* row = s + r * lds;
+    const int row_end = group_end(i0, r / R * R, end);
     if (r >= rows) {
-      std::fill(row + start, row + end, 0.f);
+      std::fill(row + start, row + row_end, 0.f);
       continue;
     }
     const int p = i0 + r;
     const int32_t sp = kv.segment[p];
     vf mx = splat(-INFINITY);
-    for (int c0 = start; c0 < end; c0 += V) {
+    for (int c0 = start; c0 < row_end; c0 += V) {
       vi pos = vi{} + c0;
       for (int t = 0; t < V; ++t) pos[t] += t;
       vi segs; std::memcpy(&segs, &kv.segment[c0], sizeof(vi));
@@ -196,7 +225,7 @@ void mask_and_exp(const KeyValues& kv, int i0, int rows, int rows_p, int start, 
     }
     if (offset_is_max) offset[r] = hmax(mx);
     vf sum = {};
-    for (int c0 = start; c0 < end; c0 += V) {
+    for (int c0 = start; c0 < row_end; c0 += V) {
       vf e = vexp(load(row + c0) - offset[r]);
       store(row + c0, e);
       sum += e;
@@ -218,7 +247,7 @@ void load_rows(const Dims& d, const float* x, int64_t b, int64_t n, int i0, int 
 void forward_item(const Dims& d, const float* q, const float* k, const float* v, const int32_t* seg, float* out,
                   float* lse, int64_t b, int64_t n) {
   const int S = d.S, H = d.H, Hp = d.Hp(), Sp = d.Sp();
-  const KeyValues kv(d, k, v, seg, b, n / (d.N / d.K));
+  const KeyValues kv(d, k, v, seg, b, n / (d.N / d.K), K_HS | V_SH);
   const float scale = 1.0f / std::sqrt(float(H));
   std::vector<float> qs(size_t(QB) * Hp), s(size_t(QB) * Sp), o(size_t(QB) * Hp);
   float m[QB], l[QB];
@@ -226,9 +255,9 @@ void forward_item(const Dims& d, const float* q, const float* k, const float* v,
     const int rows = std::min(QB, S - i0), rows_p = round_up(rows, R);
     const auto [start, end] = kv.reach(i0, rows);
     load_rows(d, q, b, n, i0, rows, scale, qs.data());
-    matmul<false, false>(qs.data(), Hp, &kv.k_HS[start], Sp, rows_p, end - start, H, &s[start], Sp);
+    scores(qs.data(), Hp, kv.k_HS.data(), Sp, H, i0, rows_p, start, end, s.data(), Sp);
     mask_and_exp(kv, i0, rows, rows_p, start, end, s.data(), Sp, m, true, l);
-    matmul<false, false>(&s[start], Sp, &kv.v_SH[size_t(start) * Hp], Hp, rows_p, Hp, end - start, o.data(), Hp);
+    times_keys(s.data(), Sp, kv.v_SH.data(), Hp, i0, rows_p, start, end, o.data());
     for (int r = 0; r < rows; ++r) {
       float* dst = out + ((b * S + i0 + r) * d.N + n) * H;
       const float inv = 1.0f / l[r];
@@ -243,7 +272,7 @@ void backward_item(const Dims& d, const float* q, const float* k, const float* v
                    int64_t b, int64_t kh) {
   const int S = d.S, H = d.H, Hp = d.Hp(), Sp = d.Sp();
   const int64_t G = d.N / d.K;
-  const KeyValues kv(d, k, v, seg, b, kh);
+  const KeyValues kv(d, k, v, seg, b, kh, K_HS | V_HS | K_SH);
   const float scale = 1.0f / std::sqrt(float(H));
   std::vector<float> qs(size_t(QB) * Hp), os(size_t(QB) * Hp), dos(size_t(QB) * Hp), dqs(size_t(QB) * Hp);
   std::vector<float> p(size_t(QB) * Sp), ds(size_t(QB) * Sp);
@@ -253,24 +282,24 @@ void backward_item(const Dims& d, const float* q, const float* k, const float* v
     for (int i0 = 0; i0 < S; i0 += QB) {
       const int rows = std::min(QB, S - i0), rows_p = round_up(rows, R);
       const auto [start, end] = kv.reach(i0, rows);
-      const int width = end - start;
       load_rows(d, q, b, n, i0, rows, scale, qs.data());
       load_rows(d, out, b, n, i0, rows, 1.0f, os.data());
       load_rows(d, dout, b, n, i0, rows, 1.0f, dos.data());
       for (int r = 0; r < rows; ++r) row_lse[r] = lse[(b * d.N + n) * S + i0 + r];
-      matmul<false, false>(qs.data(), Hp, &kv.k_HS[start], Sp, rows_p, width, H, &p[start], Sp);
+      scores(qs.data(), Hp, kv.k_HS.data(), Sp, H, i0, rows_p, start, end, p.data(), Sp);
       mask_and_exp(kv, i0, rows, rows_p, start, end, p.data(), Sp, row_lse, false, sums);
-      matmul<false, false>(dos.data(), Hp, &kv.v_HS[start], Sp, rows_p, width, H, &ds[start], Sp);  // dp
+      scores(dos.data(), Hp, kv.v_HS.data(), Sp, H, i0, rows_p, start, end, ds.data(), Sp);  // dp = dout v^T
       for (int r = 0; r < rows_p; ++r) {
         vf delta = {};
         for (int h0 = 0; h0 < Hp; h0 += V) delta += load(&dos[r * Hp + h0]) * load(&os[r * Hp + h0]);
         const float dr = hsum(delta);
         float *pr = &p[size_t(r) * Sp], *dsr = &ds[size_t(r) * Sp];
-        for (int c0 = start; c0 < end; c0 += V) store(dsr + c0, load(pr + c0) * (load(dsr + c0) - dr));
+        for (int c0 = start, e = group_end(i0, r / R * R, end); c0 < e; c0 += V)
+          store(dsr + c0, load(pr + c0) * (load(dsr + c0) - dr));
       }
-      matmul<false, false>(&ds[start], Sp, &kv.k_SH[size_t(start) * Hp], Hp, rows_p, Hp, width, dqs.data(), Hp);
-      matmul<true, true>(&p[start], Sp, dos.data(), Hp, width, Hp, rows_p, &dv_SH[size_t(start) * Hp], Hp);
-      matmul<true, true>(&ds[start], Sp, qs.data(), Hp, width, Hp, rows_p, &dk_SH[size_t(start) * Hp], Hp);
+      times_keys(ds.data(), Sp, kv.k_SH.data(), Hp, i0, rows_p, start, end, dqs.data());
+      keys_times(p.data(), Sp, dos.data(), Hp, i0, rows_p, start, end, dv_SH.data());
+      keys_times(ds.data(), Sp, qs.data(), Hp, i0, rows_p, start, end, dk_SH.data());
       for (int r = 0; r < rows; ++r) {
         float* dst = dq + ((b * S + i0 + r) * d.N + n) * H;
         for (int h = 0; h < H; ++h) dst[h] = dqs[size_t(r) * Hp + h] * scale;
