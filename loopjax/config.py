@@ -66,7 +66,7 @@ def default_config() -> ml_collections.ConfigDict:
   # express the mask (else blocked), AUTO["cpu"] on CPU (attention.py says which and why).
   m.attention = "auto"
   # blocked/splash block sizes, capped at the sequence; a set size must tile train.seq_len. 0 = the
-  # implementation's default (blocked 128, splash 512; the whole sequence where that does not tile it).
+  # implementation's default (blocked 64, splash 512; the whole sequence where that does not tile it).
   m.attention_block_q = 0
   m.attention_block_kv = 0
   # Loop-Residual only: layers before and after the looped block, and the learned position table.

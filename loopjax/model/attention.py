@@ -36,7 +36,8 @@ AVAILABLE = {"cpu": ("xla", "blocked", "native"), "gpu": ("xla", "blocked", "cud
 # CPU: native, where it builds (else blocked). Forward + backward on 2 CPU cores (bench/bench_attention.py;
 # B 8, 8 heads of 32, 4 documents per row, AMD EPYC, 2026-12-03): seq 256 blocked/64 20-21 ms, native
 # 8-8.5 ms; seq 1024 blocked/64 270-274 ms, native 58-62 ms. The peer training step at T=4 (bench_train.py
-# --tables peer) took 2.0 s with native and 2.8 s with blocked. BENCHMARKS.md "Attention" has the history.
+# --tables peer) is 1.08-1.40x faster with native in four runs (BENCHMARKS.md, "The native CPU attention
+# core"; "Attention" has the history).
 AUTO = {"cpu": "native", "gpu": "cudnn", "tpu": "splash"}
 # Block size when model.attention_block_q/_kv is 0: blocked's fastest on CPU (64: a block's scores stay in
 # cache; 128 made its backward 1.4-2x slower at seq 256 and 1024, 2026-12-02); MaxText's on TPU.

@@ -119,10 +119,9 @@ def _attention(q_BSNH, k_BSKH, v_BSKH, seg_BS):
 _attention.defvjp(_forward, _backward)
 
 
-def native_attention(q_BSNH, k_BSKH, v_BSKH, segment_ids_BS) -> jax.Array:
-  """softmax(q k^T / sqrt(H)) v, causal and within documents (None: one document per row), on one
-  device's arrays; computed in float32 and returned in q's dtype."""
-  B, S = q_BSNH.shape[:2]
-  seg_BS = jnp.zeros((B, S), jnp.int32) if segment_ids_BS is None else segment_ids_BS.astype(jnp.int32)
+def native_attention(q_BSNH, k_BSKH, v_BSKH, seg_BS) -> jax.Array:
+  """softmax(q k^T / sqrt(H)) v, causal and within documents (int32 segment ids, as
+  `attention._per_shard` passes them), on one device's arrays; computed in float32, returned in q's
+  dtype."""
   q, k, v = (x.astype(jnp.float32) for x in (q_BSNH, k_BSKH, v_BSKH))
   return _attention(q, k, v, seg_BS).astype(q_BSNH.dtype)
