@@ -1,7 +1,7 @@
 """Checkpoints: an Orbax CheckpointManager over train-state pytrees, the grain iterator and run metadata.
 
 A checkpoint at step N is the directory `<dir>/N` with one Orbax item per part:
-  params, opt_state  pytrees of (sharded) arrays, StandardSave/StandardRestore;
+  params, opt_state  pytrees of (sharded) arrays, PyTreeSave/PyTreeRestore (zstd only when asked);
   meta               JSON: step, phase, the resolved config, loop counters, a checksum per array item, and
                      the data iterator's state: every process's {data shard: grain state}, gathered, so
                      a run with another process count (dividing data.num_shards) resumes the same stream.
@@ -12,6 +12,11 @@ a save killed midway never looks finished. It does not detect a finished checkpo
 pattern: integer sums are exact in any reduction order, so it is identical on any mesh or device
 count, and a restore that reads damaged data fails it. `restore_latest` walks back from the newest
 step, moves any checkpoint that fails to restore or verify into `<dir>-corrupt/`, and says so.
+
+Why uncompressed by default: Orbax's zstd pass shrinks float training state by only 8-20% but is
+much of an async save's CPU work, which competes with the train step for the host's cores
+(BENCHMARKS.md). `compress=True` trades that CPU for bytes (a bucket billed by size). Either kind
+restores with any setting: the codec is read from each array's metadata.
 
 Saves refuse non-finite arrays, so a checkpoint never holds a NaN or Inf. This module takes pytrees
 and abstract targets only; it knows nothing of the model or the train state's layout.
@@ -134,10 +139,15 @@ def _all_processes_agree(ok: bool) -> bool:
   return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
 
 
-def _handlers() -> dict:
-  handlers = {name: ocp.StandardCheckpointHandler() for name in ARRAY_ITEMS}
+def _handlers(compress: bool = False) -> dict:
+  handlers = {name: ocp.PyTreeCheckpointHandler(use_compression=compress) for name in ARRAY_ITEMS}
   handlers["meta"] = ocp.JsonCheckpointHandler()
   return handlers
+
+
+def _restore_args(target) -> ocp.args.PyTreeRestore:
+  """Restores the pytree `target` describes: ShapeDtypeStructs with shardings, or numpy arrays (host)."""
+  return ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))
 
 
 def _gather_json(obj) -> list:
@@ -172,7 +182,7 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, every_steps: int = 0, every_minutes: float = 0.0, keep: int = 3,
                keep_period: int = 0, async_save: bool = True, read_only: bool = False,
-               keep_steps: tuple[int, ...] = ()):
+               keep_steps: tuple[int, ...] = (), compress: bool = False):
     self.directory, self.read_only = storage.run_path(directory), read_only
     self.quarantine = self.directory.parent / f"{self.directory.name}-corrupt"
     save_policies = []
@@ -191,7 +201,7 @@ class Checkpointer:
     try:
       if not read_only:
         self._report_interrupted_saves()
-      self._manager = _Manager(self.directory, options=options, item_handlers=_handlers())
+      self._manager = _Manager(self.directory, options=options, item_handlers=_handlers(compress))
     except OSError as e:
       raise CheckpointError(f"cannot use checkpoint directory {self.directory}: {e}. Fix: point --workdir "
                             "at a writable directory with free space") from e
@@ -228,7 +238,7 @@ class Checkpointer:
             f"refusing to save the checkpoint of step {step}: '{name}' holds NaN or Inf; the previous "
             f"checkpoints in {self.directory} are untouched. Fix: set --config.train.nan_policy=stop to "
             "stop at the first bad step, lower optim.lr, or restart from the last checkpoint")
-    args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
+    args = {name: ocp.args.PyTreeSave(tree) for name, tree in items.items()}
     shapes = {name: leaf_shapes(tree) for name, tree in items.items()}
     data = {} if data_iter is None else {"data_state": data_state(data_iter)}
     args["meta"] = ocp.args.JsonSave(dict(meta, step=step, checksums=checksums, shapes=shapes,
@@ -273,7 +283,7 @@ class Checkpointer:
             f"checkpoint step {step} in {self.directory} does not fit this config: '{name}' differs in "
             f"(leaf, shape dtype) {diff}. Fix: resume with the config stored in the checkpoint "
             f"({self.directory}/{step}/meta/metadata) or start in a new --workdir")
-    args = {name: ocp.args.StandardRestore(tree) for name, tree in abstract_items.items()}
+    args = {name: _restore_args(tree) for name, tree in abstract_items.items()}
     args["meta"] = ocp.args.JsonRestore()
     out = self._manager.restore(step, args=ocp.args.Composite(**args))
     meta = out["meta"]
@@ -365,7 +375,7 @@ def restore_params(directory: str, abstract_params=None, step: int | None = None
   if abstract_params is None:
     metadata = manager.item_metadata(step)["params"]
     abstract_params = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), metadata)
-  args = ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params), meta=ocp.args.JsonRestore())
+  args = ocp.args.Composite(params=_restore_args(abstract_params), meta=ocp.args.JsonRestore())
   out = manager.restore(step, args=args)
   params, meta = out["params"], out["meta"]
   checksum = _np_checksum(params) if isinstance(jax.tree.leaves(params)[0], np.ndarray) else fingerprint(params)[0]

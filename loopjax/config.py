@@ -119,6 +119,7 @@ def default_config() -> ml_collections.ConfigDict:
   k.keep = 3  # keep the latest K checkpoints...
   k.keep_period = 0  # ...plus every step divisible by P, permanently (0 = none)
   k.async_save = True  # write in a background thread while training continues
+  k.compress = False  # zstd on the arrays: 8-20% fewer bytes for CPU the step competes with
   k.phase = "main"  # recorded in every checkpoint (the phase runner sets it)
 
   c.data = d = ml_collections.ConfigDict()

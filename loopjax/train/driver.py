@@ -104,7 +104,7 @@ def make_checkpointer(cfg, workdir: str, keep_steps=()) -> checkpoint_lib.Checkp
   k = cfg.checkpoint
   return checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=k.every_steps,
                                      every_minutes=k.every_minutes, keep=k.keep, keep_period=k.keep_period,
-                                     async_save=k.async_save, keep_steps=keep_steps)
+                                     async_save=k.async_save, keep_steps=keep_steps, compress=k.compress)
 
 
 def check_run(cfg, num_devices: int) -> phases_lib.Plan:
