@@ -103,8 +103,8 @@ def test_arrays_are_stored_uncompressed_unless_asked_and_both_restore(tmp_path):
   """Zeros (a fresh optimizer state) shrink ~1000x under zstd: on-disk bytes tell whether it ran."""
   zeros = {"params": {"w": np.zeros((512, 512), np.float32)}, "opt_state": {"mu": np.zeros(4096, np.float32)}}
   raw_bytes = 4 * (512 * 512 + 4096)
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.SingleDeviceSharding(
-      jax.devices()[0])), zeros)
+  one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = ck.abstract_like(zeros, jax.tree.map(lambda _: one_device, zeros))
   writer = ck.Checkpointer(str(tmp_path / "now"))
   writer.save(1, zeros, meta={"phase": "main"})
   writer.close()
