@@ -65,7 +65,7 @@ def verify(src: str, out: str) -> str:
   """Checks headers and a few tensors against the stored source; returns a description of the files."""
   import numpy as np
 
-  from loopjax.checkpoint_files import open_array
+  from loopjax.checkpoint.files import open_array
   from loopjax.config import load_config_file
   from loopjax.hf.plan import tensor_plan
   from loopjax.hf.tensorfile import TensorDir

@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from common import machine_line, median, print_table, spread
-from loopjax.infer import cache, decode, eval_generate, load
+from loopjax.evaluation import generation
+from loopjax.infer import cache, decode, load
 
 OURO_1P4B = dict(loop_steps=4, num_layers=24, kv_heads=16, head_dim=128, dtype=jnp.bfloat16)
 
@@ -130,7 +131,7 @@ def main():
   args = parser.parse_args()
   source = load.from_checkpoint(args.workdir)
   weights = jax.device_put(decode.weights_of(source.model))
-  prompts, answers = eval_generate.questions(source.run_config, args.questions)
+  prompts, answers = generation.questions(source.run_config, args.questions)
   docs_BS = np.array([p + a for p, a in zip(prompts, answers)], np.int32)
   print(f"{machine_line()}, {time.strftime('%Y-%m-%d')}; model {args.workdir} step {source.step} "
         f"(T={source.model.cfg.loop_steps}), prompts of {len(prompts[0])} tokens")

@@ -10,7 +10,8 @@
 # $LOOPJAX_LOG_DIR/process_I.log (default: a new temporary directory, printed at the start).
 # Exit code: 0 if every process exits 0; else the first failure's code, after stopping the others
 # (a process whose peer died would otherwise block in a collective until JAX's heartbeat timeout).
-# Ctrl-C / SIGTERM is forwarded to every process as SIGTERM: `loopjax train` saves and exits.
+# Ctrl-C / SIGTERM is forwarded to every process as SIGTERM: `loopjax train` saves and exits 75, which
+# this script passes on (run the same command again to continue; launch/rerun.sh does that unattended).
 set -uo pipefail
 
 usage() { echo "usage: $0 NUM_PROCESSES DEVICES_PER_PROCESS -- COMMAND [ARGS...]" >&2; exit 2; }

@@ -16,6 +16,7 @@ import os
 
 import ml_collections
 
+from loopjax import config_longrun
 from loopjax.model import MODEL_KINDS, model_kind
 from loopjax.model.attention import CUDNN_DTYPES, IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from loopjax.model.stack import REMAT_POLICIES as STACK_REMAT_POLICIES
@@ -23,6 +24,7 @@ from loopjax.model.stack import REMAT_POLICIES as STACK_REMAT_POLICIES
 REMAT_POLICIES = ("none", *STACK_REMAT_POLICIES)
 LOSS_REMAT = ("auto", "save", "recompute")
 SCHEDULES = ("constant", "warmup_constant", "cosine", "wsd")
+SCHEDULE_CHANGES = ("refuse", "continue", "reschedule")  # optim.on_schedule_change
 PRIORS = ("uniform", "geometric")
 NAN_POLICIES = ("skip", "stop")
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64 for numerical checks
@@ -62,8 +64,8 @@ def default_config() -> ml_collections.ConfigDict:
   m.init_std = 0.02
   # The attention core (loopjax/model/attention.py): "xla" (dense [S, S] scores), "blocked" (pure-JAX
   # flash-style, O(S) memory), "native" (a C++ XLA:CPU kernel, built on first use), "splash" (Pallas TPU
-  # kernel), "cudnn" (GPU, rows without documents), or "auto": splash on TPU, cudnn on GPU where it can
-  # express the mask (else blocked), AUTO["cpu"] on CPU (attention.py says which and why).
+  # kernel), "pallas_gpu" (Pallas GPU flash kernel with documents), "cudnn" (GPU, rows without documents), or
+  # "auto": splash on TPU, pallas_gpu on GPU (blocked with mesh.context > 1), native on CPU (attention.py).
   m.attention = "auto"
   # blocked/splash block sizes, capped at the sequence; a set size must tile train.seq_len. 0 = the
   # implementation's default (blocked 64, splash 512; the whole sequence where that does not tile it).
@@ -93,6 +95,11 @@ def default_config() -> ml_collections.ConfigDict:
   p.eps = 1e-8
   p.weight_decay = 0.1
   p.clip_norm = 1.0
+  # Resuming with a changed LR schedule (train.steps, optim.*, phases give another LR at the checkpoint's
+  # step; loopjax/train/resume_schedule.py): "refuse" (an error at start-up), "continue" (the LR goes on
+  # from the checkpoint's last LR and never rises above it: min(new schedule, that LR)), or "reschedule"
+  # (the new schedule as it is; the LR may jump).
+  p.on_schedule_change = "refuse"
 
   c.train = t = ml_collections.ConfigDict()
   t.steps = 100  # optimizer steps; with `phases`: 0 = the recipe's own length, N = the recipe scaled to N
@@ -108,9 +115,7 @@ def default_config() -> ml_collections.ConfigDict:
   # "skip" counts it (metrics: nonfinite_steps) and goes on, "stop" ends the run with the step number.
   t.nan_policy = "skip"
   t.peak_flops = 0.0  # MFU denominator, FLOP/s of all devices; 0 = env LOOPJAX_PEAK_FLOPS, the chip table, or a probe
-  # jax.profiler trace of steps profile_start+1 .. profile_start+profile_steps into WORKDIR/profile (0 = off).
-  t.profile_start = 0
-  t.profile_steps = 0
+  config_longrun.add_defaults(t)  # trackers, step watchdog, spike skipping, profiles (config_longrun.py)
 
   c.checkpoint = k = ml_collections.ConfigDict()
   # Checkpoints live in WORKDIR/checkpoints; `loopjax train` resumes from the newest complete one.
@@ -121,6 +126,17 @@ def default_config() -> ml_collections.ConfigDict:
   k.async_save = True  # write in a background thread while training continues
   k.compress = False  # zstd on the arrays: 8-20% fewer bytes for CPU the step competes with
   k.phase = "main"  # recorded in every checkpoint (the phase runner sets it)
+  # Resuming (loopjax/checkpoint/recovery.py): a checkpoint is set aside only on proof of damage; a storage
+  # error that may pass is retried this many times, waiting retry_seconds, then twice that, ...; when
+  # checkpoints exist and none restores, the run refuses to start over from step 0 unless this is True.
+  k.restore_retries = 5
+  k.restore_retry_seconds = 2.0
+  k.allow_fresh_start = False
+  # One writer per workdir (loopjax/lease.py): a run holds WORKDIR/lease.json and rewrites its heartbeat
+  # this often; a lease whose heartbeat is older than the timeout (or whose process on this host is gone)
+  # is taken over by the next run. Keep the timeout well above the heartbeat and any clock skew.
+  k.lease_heartbeat_seconds = 30.0
+  k.lease_timeout_minutes = 10.0
 
   c.data = d = ml_collections.ConfigDict()
   # One source or a comma-separated mixture: built-in tasks "mano", "multihop", "capo" (no files
@@ -149,9 +165,15 @@ def default_config() -> ml_collections.ConfigDict:
   e.num_batches = 4  # held-out batches per evaluation
   e.batch_size = 0  # sequences per eval batch; 0 = train.batch_size
   e.loop_steps = ""  # comma-separated loop counts to evaluate at, e.g. "1,2,4,8"; "" = model.loop_steps
-  e.source = ""  # held-out data (a task or prepared corpus dirs); "" = data.source (tasks: held-out set)
+  e.source = ""  # held-out data (a task or corpus dirs); "" = the corpora's validation splits, else data.source
   e.seed = 1  # which held-out batches
-  e.q_exit = 0.5  # Q-exit threshold for the exit-selected exact-match accuracy
+  e.q_exit = 0.5  # Q-exit threshold for the exit-selected exact-match accuracy (and the harness's q<q>)
+  # lm-evaluation-harness during training (the `harness` extra; loopjax/evaluation/harness): these tasks
+  # (comma-separated, e.g. "multihop_mc,hellaswag") every harness_every_steps steps and at the end, at every
+  # eval.loop_steps T and at Q-exit eval.q_exit, on harness_limit documents per task (0 = all).
+  e.harness_tasks = ""
+  e.harness_every_steps = 0
+  e.harness_limit = 0
 
   # Staged recipe: a tuple of `loopjax.phases.phase(...)` run in order by one `loopjax train` (see
   # configs/ouro_recipe.py). Empty: one phase, the config as it is.
@@ -206,7 +228,7 @@ def config_from_dict(values: dict) -> ml_collections.ConfigDict:
       else:
         section[key] = value
 
-  update(cfg, values, "")
+  update(cfg, config_longrun.upgrade(values), "")
   return cfg
 
 
@@ -268,6 +290,7 @@ def validate(cfg, num_devices: int) -> tuple[int, int, int]:
   _check_choice(cfg, "model.param_dtype", DTYPES)
   _check_choice(cfg, "model.compute_dtype", DTYPES)
   _check_choice(cfg, "optim.schedule", SCHEDULES)
+  _check_choice(cfg, "optim.on_schedule_change", SCHEDULE_CHANGES)
   _check_choice(cfg, "objective.prior", PRIORS)
   for field in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                 "mlp_dim", "loop_steps", "layer_unroll", "loop_unroll"):
@@ -287,9 +310,9 @@ def validate(cfg, num_devices: int) -> tuple[int, int, int]:
   if m.kind == "loop_residual" and t.seq_len > m.max_positions:
     _fail("train.seq_len", f"{t.seq_len} exceeds model.max_positions={m.max_positions}",
           "raise model.max_positions or shorten train.seq_len")
-  if m.loss_chunk < 0 or (m.loss_chunk and t.seq_len % m.loss_chunk):
-    _fail("model.loss_chunk", f"{m.loss_chunk} does not divide train.seq_len={t.seq_len}",
-          "use 0 (no chunking) or a divisor of train.seq_len")
+  if m.loss_chunk < 0 or (m.loss_chunk and t.seq_len % (m.loss_chunk * max(cfg.mesh.context, 1))):
+    _fail("model.loss_chunk", f"{m.loss_chunk} does not divide train.seq_len={t.seq_len} / mesh.context (each "
+          "device's positions)", "use 0 (no chunking) or a divisor of train.seq_len / mesh.context")
   _check_attention_blocks(m, t.seq_len)
   if m.attention == "cudnn" and m.compute_dtype not in CUDNN_DTYPES:
     _fail("model.attention", f"cudnn runs in {CUDNN_DTYPES}, not compute_dtype={m.compute_dtype}",
@@ -308,24 +331,32 @@ def validate(cfg, num_devices: int) -> tuple[int, int, int]:
   _check_choice(cfg, "train.nan_policy", NAN_POLICIES)
   if t.peak_flops < 0:
     _fail("train.peak_flops", f"must be >= 0, got {t.peak_flops}", "give the devices' total FLOP/s, or 0 to measure")
-  if t.profile_steps < 0 or (t.profile_steps and t.profile_start < 1):
-    _fail("train.profile_steps", f"profile_start={t.profile_start}, profile_steps={t.profile_steps}",
-          "trace after the first (compiling) step: profile_start >= 1, and profile_steps >= 0 (0 = no trace)")
+  config_longrun.check(t, _fail)
   k = cfg.checkpoint
   for field in ("every_steps", "every_minutes", "keep_period"):
     if k[field] < 0:
       _fail(f"checkpoint.{field}", f"must be >= 0, got {k[field]}", f"set --config.checkpoint.{field} to 0 (off) or more")
   if k.keep < 1:
     _fail("checkpoint.keep", f"must be >= 1, got {k.keep}", "keep at least the latest checkpoint (resume needs it)")
+  if k.restore_retries < 0 or k.restore_retry_seconds < 0:
+    _fail("checkpoint.restore_retries", f"restore_retries={k.restore_retries} and restore_retry_seconds="
+          f"{k.restore_retry_seconds} must be >= 0", "use 0 to fail at the first storage error, or a positive count")
   if not k.phase or "/" in k.phase:
     _fail("checkpoint.phase", f"{k.phase!r} is not a usable name", "use a short name such as 'main'")
+  for field in ("lease_heartbeat_seconds", "lease_timeout_minutes"):
+    if k[field] <= 0:
+      _fail(f"checkpoint.{field}", f"must be > 0, got {k[field]}", f"set --config.checkpoint.{field} to a positive number")
+  if k.lease_heartbeat_seconds >= k.lease_timeout_minutes * 60:
+    _fail("checkpoint.lease_heartbeat_seconds", f"{k.lease_heartbeat_seconds:g} s is not shorter than "
+          f"checkpoint.lease_timeout_minutes={k.lease_timeout_minutes:g}, so a live run would look stale",
+          "make the heartbeat a small fraction of the timeout (defaults: 30 s and 10 min)")
   o = cfg.optim
   if o.warmup_steps < 0 or o.decay_steps < 0:
     _fail("optim.warmup_steps", "warmup_steps and decay_steps must be >= 0", "use non-negative step counts")
   data, fsdp, context, tensor = resolve_mesh_shape(cfg.mesh, num_devices)
-  if t.seq_len % context:
-    _fail("mesh.context", f"{context} does not divide train.seq_len={t.seq_len}",
-          f"choose mesh.context dividing {t.seq_len} (each device holds seq_len / context positions)")
+  if context > 1 and t.seq_len % (2 * context):  # the load-balanced order cuts it into 2 x context chunks
+    _fail("mesh.context", f"2 x {context} does not divide train.seq_len={t.seq_len}", "choose mesh.context with "
+          f"train.seq_len a multiple of 2 x mesh.context (each device holds two chunks of seq_len / (2 x context))")
   if t.batch_size % (data * fsdp):
     _fail("train.batch_size", f"{t.batch_size} is not divisible by the data-parallel size "
           f"mesh.data*mesh.fsdp = {data * fsdp}", f"use a multiple of {data * fsdp}")
@@ -355,6 +386,12 @@ def validate(cfg, num_devices: int) -> tuple[int, int, int]:
           f"use a multiple of {data * fsdp} (or 0 for train.batch_size)")
   if not 0 <= e.q_exit <= 1:
     _fail("eval.q_exit", f"{e.q_exit} is outside [0, 1]", "use a threshold between 0 and 1")
+  if e.harness_every_steps < 0 or e.harness_limit < 0:
+    _fail("eval.harness_every_steps", f"harness_every_steps={e.harness_every_steps} and harness_limit="
+          f"{e.harness_limit} must be >= 0", "use 0 (off / all documents) or a positive number")
+  if bool(str(e.harness_tasks).strip()) != bool(e.harness_every_steps):
+    _fail("eval.harness_tasks", f"harness_tasks={e.harness_tasks!r} with harness_every_steps={e.harness_every_steps}",
+          "set both (tasks, and how often to run them) or neither")
   if cfg.init.from_hf and cfg.init.from_checkpoint:
     _fail("init", "from_hf and from_checkpoint are both set", "set one of them (or neither, for a fresh init)")
   if cfg.init.from_hf and model_kind(m.kind).hf is None:

@@ -36,6 +36,7 @@ _JAX_GRACE = 15  # seconds JAX's own deadline is pushed past ours, so our messag
 # process that died of an error would hang 5 minutes before its launcher saw it go.
 SHUTDOWN_TIMEOUT = 60
 _barrier_count = itertools.count()
+_shared_count = itertools.count()
 
 
 class DistributedError(RuntimeError):
@@ -219,6 +220,21 @@ def barrier(name: str, timeout: int = DEFAULT_TIMEOUT):
     from jax._src import distributed as jax_distributed
     barrier_id = f"loopjax_{name}_{next(_barrier_count)}"  # ids are single-use; every process counts alike
     jax_distributed.global_state.client.wait_at_barrier(barrier_id, timeout_in_ms=timeout * 1000)
+
+
+def from_process_0(name: str, text: str, timeout: int = DEFAULT_TIMEOUT) -> str:
+  """Process 0's `text`, on every process (alone: `text`). Every process calls it with the same names
+  in the same order. Through the coordination service's key-value store: no device collective, so it
+  may run before anything is compiled."""
+  if jax.process_count() == 1:
+    return text
+  from jax._src import distributed as jax_distributed
+  client = jax_distributed.global_state.client
+  key = f"loopjax_{name}_{next(_shared_count)}"  # keys are single-use; every process counts alike
+  if jax.process_index() == 0:
+    client.key_value_set(key, "=" + text)  # never an empty value
+    return text
+  return client.blocking_key_value_get(key, timeout * 1000)[1:]
 
 
 def _coordinator_seen() -> str | None:

@@ -7,11 +7,14 @@ logical axes) on abstract inputs, and compiles it with XLA:TPU. It prints:
 
   - per-chip memory from `memory_analysis()` (arguments, output, temporaries, code) against the
     chip's HBM, and whether it fits (the exit code is 1 when it does not);
-  - the loop-aware training FLOPs per step from `loopjax.model.flops_per_token`, and the step time
-    and tokens/s at the chips' peak: the 100%-MFU bound, no better;
+  - the loop-aware training FLOPs per step from `loopjax.model.flops_per_token`, a chip's share of the
+    dense and of the attention FLOPs (`loopjax.step_flops`: attention by the query rows each chip's
+    kernel runs on, read from the compiled program for splash), and the step time and tokens/s at the
+    chips' peak: the 100%-MFU bound, no better;
   - for a staged recipe (`config.phases`), one line per phase (its full-batch segment from
     `loopjax.phases.plan`, on the phase's own mesh): seq, sequences per data-parallel shard at once and
-    microbatches, mesh, attention, memory, fits;
+    microbatches, mesh, attention and its query rows per chip, memory, fits, FLOPs per chip (attention
+    and dense) and the ideal step time;
   - with `--explain`, the temporaries by what they hold (`loopjax.memory_account`);
   - when it does not fit, the lever that the memory breakdown points at (`advice`).
 
@@ -28,7 +31,7 @@ import time
 
 import jax
 
-from loopjax import memory_account, metrics
+from loopjax import memory_account, metrics, step_flops
 from loopjax import phases as phases_lib
 from loopjax.config import ConfigError
 from loopjax.model import flops_per_token
@@ -151,6 +154,7 @@ class Report:
   code_bytes: int | None = None
   oom_message: str = ""  # XLA's out-of-memory error, when compilation itself failed for memory
   splash_in_program: bool = False  # the compiled program calls the Pallas splash-attention kernel
+  query_rows: int = 0  # query positions a chip's attention runs on (splash: read from the program)
   microbatches: int = 1  # gradient accumulation (train.per_device_batch)
   account: list | None = None  # [(what, bytes)] of the temporaries (`--explain`, loopjax.memory_account)
 
@@ -169,6 +173,15 @@ class Report:
   def peak_flops_per_chip(self) -> float:
     return metrics.PEAK_FLOPS_PER_DEVICE[self.topology.chip.kind]
 
+  def flops(self, cfg) -> step_flops.StepFlops:
+    return step_flops.step_flops(cfg.model, self.seq_len, self.global_batch * self.seq_len, self.mesh,
+                                 self.query_rows)
+
+  def ideal_step_seconds(self, cfg) -> float:
+    """The step at the chips' peak: one chip's dense and attention FLOPs over its peak."""
+    f = self.flops(cfg)
+    return (f.dense_chip + f.attention_chip) / self.peak_flops_per_chip
+
 
 def run(cfg, topology: Topology, explain: bool = False) -> Report:
   """Compiles the train step for `topology` and measures it (raises ConfigError/TopologyError); with
@@ -181,6 +194,7 @@ def run(cfg, topology: Topology, explain: bool = False) -> Report:
                   cfg.model.loop_steps, cfg.model.num_layers, 0.0)
   report.microbatches = num_microbatches(cfg.train.batch_size, cfg.train.per_device_batch,
                                          mesh.shape["data"] * mesh.shape["fsdp"])
+  report.query_rows = cfg.train.seq_len // mesh.shape["context"]  # every core splits the queries (per_shard)
   inputs = trainer.abstract_state, trainer.abstract_batch()
   start = time.perf_counter()
   dump, temp_allocation = "", 0
@@ -202,7 +216,9 @@ def run(cfg, topology: Topology, explain: bool = False) -> Report:
     report.argument_bytes, report.output_bytes = mem.argument_size_in_bytes, mem.output_size_in_bytes
     report.alias_bytes, report.temp_bytes = mem.alias_size_in_bytes, mem.temp_size_in_bytes
     report.code_bytes = mem.generated_code_size_in_bytes
-    report.splash_in_program = "splash" in compiled.as_text()
+    text = compiled.as_text()
+    report.splash_in_program = "splash" in text
+    report.query_rows = step_flops.splash_query_rows(text) or report.query_rows
     if dump:
       report.account = memory_account.account(dump, temp_allocation, cfg, report.temp_bytes)
   return report
@@ -253,8 +269,8 @@ def format_report(report: Report, cfg, config_name: str = "") -> str:
   flops_token = flops_per_token(cfg.model, r.seq_len)
   tokens_step = r.global_batch * r.seq_len
   flops_step = flops_token * tokens_step
-  peak = r.peak_flops_per_chip * r.devices
-  step_seconds = flops_step / peak
+  f = r.flops(cfg)
+  step_seconds = r.ideal_step_seconds(cfg)
   lines = [
       f"loopjax pre-flight: {config_name or 'config'} on {r.topology.name} ({chip.kind}, {r.devices} chips, "
       f"{r.hosts} host{'s' if r.hosts > 1 else ''})",
@@ -263,7 +279,7 @@ def format_report(report: Report, cfg, config_name: str = "") -> str:
       f"{cfg.model.compute_dtype} compute, remat {cfg.model.remat}",
       f"  mesh             {mesh_text(r.mesh)}",
       f"  attention        {r.attention} (model.attention={cfg.model.attention}; splash kernel in the program: "
-      f"{'yes' if r.splash_in_program else 'no'})",
+      f"{'yes' if r.splash_in_program else 'no'}; {r.query_rows} of {r.seq_len} queries per chip)",
       f"  compile          {r.compile_seconds:.1f} s (XLA:TPU ahead of time, on this host)",
       "per-chip memory (memory_analysis)",
   ]
@@ -288,7 +304,9 @@ def format_report(report: Report, cfg, config_name: str = "") -> str:
   lines += [
       "throughput bound at 100% MFU (loop-aware analytic FLOPs; XLA cost_analysis counts a scan body once, unused)",
       f"  FLOPs/token      {flops_token:.4g}",
-      f"  FLOPs/step       {flops_step:.4g}  ({tokens_step:,} tokens)",
+      f"  FLOPs/step       {flops_step:.4g}  ({tokens_step:,} tokens; attention {f.attention_step:.4g})",
+      f"  per chip         {f.dense_chip + f.attention_chip:.4g}  (dense {f.dense_chip:.4g}, attention "
+      f"{f.attention_chip:.4g} on {r.query_rows} of {r.seq_len} queries)",
       f"  peak             {r.peak_flops_per_chip / 1e12:.0f} TFLOP/s per chip (dense bf16) x {r.devices}",
       f"  ideal step time  {step_seconds:.4g} s",
       f"  ideal tokens/s   {tokens_step / step_seconds:,.0f}  ({tokens_step / step_seconds / r.devices:,.0f} per chip)",
@@ -307,11 +325,15 @@ def phase_configs(cfg, chips: int, phase: str | None = None) -> list[tuple[str, 
 
 
 def format_phase_line(name: str, report: Report, cfg) -> str:
-  """One recipe phase: seq, sequences per chip, mesh, attention, memory per chip, fits (and the lever)."""
+  """One recipe phase: seq, sequences per chip, mesh, attention and its queries per chip, memory per chip,
+  fits (and the lever), FLOPs per chip (attention and dense) and the ideal step time."""
   memory = (f"{_size(report.total_bytes).strip():>10} of {report.topology.chip.hbm_bytes / GIB:.0f} GiB"
             if report.total_bytes is not None else "XLA refused (out of memory)")
+  f = report.flops(cfg)
   line = (f"  phase {name:<6} seq {report.seq_len:>6}  {rows_text(report)}  mesh {mesh_text(report.mesh)}"
-          f"  attention {report.attention:<7}  {memory}  fits {'yes' if report.fits else 'NO'}  "
+          f"  attention {report.attention:<7} on {report.query_rows} queries/chip  {memory}  fits "
+          f"{'yes' if report.fits else 'NO'}  FLOPs/chip: attention {f.attention_chip:.3g}, dense "
+          f"{f.dense_chip:.3g}  ideal step {report.ideal_step_seconds(cfg):.3g} s  "
           f"(compile {report.compile_seconds:.0f} s)")
   if report.account:
     line += "\n" + "\n".join("    " + row for row in memory_account.format_account(report.account).splitlines())

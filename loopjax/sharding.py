@@ -82,6 +82,16 @@ def logical_to_spec(logical_axes: Sequence[str | None] | None) -> P:
   return P(*(LOGICAL_RULES[name] if name is not None else None for name in logical_axes))
 
 
+def mesh_axis(logical: str) -> tuple[str | None, int]:
+  """(mesh axis, its size) that a single-axis logical name maps to in the current abstract mesh; (None, 1)
+  outside a mesh or where it is replicated. For code under `shard_map`, which names the axes it works over
+  (the attention kernels gather keys over the "seq" axis)."""
+  mesh, axis = jax.sharding.get_abstract_mesh(), LOGICAL_RULES[logical]
+  if mesh.empty or axis is None:
+    return None, 1
+  return axis, mesh.shape[axis]
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   """Sharding constraint by logical names; a no-op outside a mesh context (plain 1-device use)."""
   if jax.sharding.get_abstract_mesh().empty:

@@ -50,15 +50,21 @@ def _endpoint() -> tuple[str, int]:
   return url.hostname, url.port or (443 if url.scheme == "https" else 80)
 
 
-def _check_gcs(path: epath.Path, flag: str):
-  """Connects to the endpoint (fails fast, where gcsfs would retry for half a minute), then writes and
-  removes one probe object, which needs gcsfs, the bucket and credentials allowed to write."""
+def check_endpoint(path, flag: str):
+  """Raises StorageError (one line naming `flag`) unless the GCS endpoint answers within 5 s: a gs:// path
+  that is only read (an input, a tokenizer) fails fast here, where gcsfs would retry for half a minute."""
   host, port = _endpoint()
   try:
     socket.create_connection((host, port), timeout=_CONNECT_TIMEOUT_S).close()
   except OSError as e:
     raise StorageError(f"{flag} {path}: cannot reach the GCS endpoint {host}:{port} ({e}). Fix: check the "
                        "network (or STORAGE_EMULATOR_HOST for an emulator), or use a local directory") from None
+
+
+def _check_gcs(path: epath.Path, flag: str):
+  """Connects to the endpoint, then writes and removes one probe object, which needs gcsfs, the bucket and
+  credentials allowed to write."""
+  check_endpoint(path, flag)
   probe = path / f".loopjax-probe-{uuid.uuid4().hex}"
   try:
     probe.write_text("")

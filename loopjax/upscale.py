@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from loopjax.train.optim import fresh_state_at
+
 MAPPINGS = ("interleave", "stack")
 MOMENTS = ("duplicate", "reset")
 
@@ -79,7 +81,7 @@ def upscale_state(state, index, *, stack_key: str, moments: str, optimizer, shar
   """The TrainState with its stack upscaled, built directly in `shardings` (the new model's).
 
   moments="duplicate" copies Adam's moments (and keeps the step counts) with their layers;
-  "reset" starts the optimizer afresh for the new parameters (`optimizer.init`).
+  "reset" starts the optimizer afresh for the new parameters (its LR schedule still at `state.step`).
   """
   if moments not in MOMENTS:
     raise UpscaleError(f"moments={moments!r} is not one of {MOMENTS}")
@@ -87,7 +89,7 @@ def upscale_state(state, index, *, stack_key: str, moments: str, optimizer, shar
   def grow(state):
     params = upscale_tree(state.params, index, stack_key)
     opt_state = (upscale_tree(state.opt_state, index, stack_key) if moments == "duplicate"
-                 else optimizer.init(params))
+                 else fresh_state_at(optimizer, params, state.step))
     return type(state)(state.step, params, opt_state)
 
   return jax.jit(grow, out_shardings=shardings)(state)

@@ -17,6 +17,9 @@ TINY = ["--config", "configs/smoke.py", f"--config.train.steps={STEPS}", "--conf
         "--config.train.log_every=1", "--config.train.progress=False", "--config.optim.warmup_steps=2",
         "--config.optim.decay_steps=4", "--config.checkpoint.every_steps=4", "--config.checkpoint.keep=5",
         f"--compile_cache={SUBPROCESS_CACHE}"]
+# The output a user of the plain install (no libtpu) sees: the test extra's libtpu prints its own start-up
+# lines on a machine without a TPU, which the tests that count output lines must not count.
+WITHOUT_TPU = {"JAX_PLATFORMS": "cpu"}
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
 
@@ -32,9 +35,9 @@ def start(workdir: str, *overrides: str, env: dict | None = None) -> subprocess.
                           env=dict(os.environ, **(env or {})))
 
 
-def run(workdir: str, *overrides: str, timeout: float = 180) -> tuple[int, str]:
+def run(workdir: str, *overrides: str, timeout: float = 180, env: dict | None = None) -> tuple[int, str]:
   """(exit code, output) of a training run to completion."""
-  proc = start(workdir, *overrides)
+  proc = start(workdir, *overrides, env=env)
   code = proc.wait(timeout=timeout)
   return code, output(workdir)
 

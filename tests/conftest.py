@@ -4,6 +4,8 @@ import os
 
 import jax
 
+from loopjax.cli.runtime import skip_absent_tpu
+
 
 def compile_cache(name: str) -> str:
   """A persistent XLA compile cache directory of this pytest process.
@@ -18,8 +20,13 @@ def compile_cache(name: str) -> str:
 
 SUBPROCESS_CACHE = compile_cache("xla-tests-subprocess")  # `--compile_cache` of the CLI runs the tests start
 
+# As the CLI does: without a TPU, no TPU backend start-up in the test processes (libtpu's error lines, and its
+# /tmp/libtpu_lockfile, which would make a concurrent `loopjax compile --topology` fail with ABORTED).
+skip_absent_tpu()
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_compilation_cache_dir", compile_cache("xla-tests"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
-SHARED = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared"))
+# The released Ouro code's outputs on a tiny model (README.txt there says how they were made); in the repository,
+# so the parity tests run (and fail, never skip) in any clone.
+OURO_FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "ouro_tiny_mha")

@@ -2,9 +2,11 @@
 
 Tolerance: max abs error / max abs reference value <= 2e-5 for float32 inputs (forward and the
 gradients of q, k, v), 1e-12 for blocked attention in float64. The case has documents, padding
-(segment id 0), GQA (4 query heads on 2 kv heads) and blocks of different query and key sizes. The
-native kernel is also checked where its tiles do not fit (odd S and H), in bf16, against central
-finite differences of itself, and with documents that recur after another one.
+(segment id 0), GQA (4 query heads on 2 kv heads) and blocks of different query and key sizes; the
+Pallas kernels (splash for TPU, pallas_gpu for GPU) run in interpret mode. The native kernel is also
+checked where its tiles do not fit (odd S and H), in bf16, against central finite differences of
+itself, and with documents that recur after another one; xla, blocked and native with the tokens in
+the load-balanced order of context parallelism (tests/test_context_parallel.py splits them over a mesh).
 """
 
 import json
@@ -16,7 +18,7 @@ import pytest
 
 from helpers import tiny_config
 from loopjax.config import ConfigError, validate
-from loopjax.model import attention, native_attention
+from loopjax.model import attention, gpu_attention, native_attention, token_order
 from loopjax.train.driver import train
 from loopjax.train.trainer import resolve_attention
 
@@ -60,6 +62,7 @@ IMPLEMENTATIONS = {
     "blocked-64x32": lambda q, k, v, seg: attention.core(q, k, v, attention.Mask(seg, "blocked", 64, 32), "float32"),
     "blocked-default": lambda q, k, v, seg: attention.core(q, k, v, attention.Mask(seg, "blocked"), "float32"),
     "splash-interpret": lambda q, k, v, seg: attention.splash(q, k, v, seg, 128, 128, interpret=True),
+    "pallas_gpu-interpret": lambda q, k, v, seg: gpu_attention.pallas_gpu(q, k, v, seg, interpret=True),
     "native": lambda q, k, v, seg: attention.core(q, k, v, attention.Mask(seg, "native"), "float32"),
 }
 
@@ -69,6 +72,18 @@ def test_float32_implementations_match_the_float64_reference(name):
   q, k, v, seg = inputs()
   got = values_and_grads(lambda q, k, v: IMPLEMENTATIONS[name](q, k, v, seg), q, k, v)
   assert_close(got, WANT, 2e-5)
+
+
+@pytest.mark.parametrize("impl", ["xla", "blocked", "native"])
+def test_the_load_balanced_order_on_one_device(impl):
+  """The tokens in the load-balanced order of 4 context shards (8 chunks of 32; slots 2i and 2i + 1 hold
+  chunks i and 7 - i), masked by their natural positions: the same attention, each row in its new slot.
+  One device holds all 8 pieces (blocked: query blocks of 16 inside them)."""
+  q, k, v, seg = inputs()
+  bal = lambda x: token_order.balance(x, 4)
+  mask = attention.Mask(bal(seg), impl, 16, 32, balanced=4)
+  fn = lambda q, k, v: token_order.restore(attention.core(bal(q), bal(k), bal(v), mask, "float32"), 4)
+  assert_close(values_and_grads(fn, q, k, v), WANT, 2e-5)
 
 
 def test_blocked_is_exact_in_float64_and_without_documents():
@@ -143,19 +158,23 @@ def test_blocked_builds_no_sequence_by_sequence_array():
   assert any(s[-2:] == (S, S) for s in xla_shapes)  # the check does see the dense path's scores
 
 
-@pytest.mark.parametrize("impl, platform, dtype, documents, want, says_why", [
-    ("auto", "cpu", "float32", True, "native", False),
-    ("auto", "cpu", "float64", True, "blocked", True),  # native is float32
-    ("auto", "tpu", "bfloat16", True, "splash", False),
-    ("auto", "cuda", "bfloat16", False, "cudnn", False),
-    ("auto", "cuda", "bfloat16", True, "blocked", True),  # cudnn cannot express documents: explicit fall-back
-    ("cudnn", "gpu", "float32", False, "blocked", True),  # nor float32
-    ("xla", "tpu", "bfloat16", True, "xla", False),
-    ("native", "cpu", "bfloat16", True, "native", False),  # computed in float32
-    ("native", "cpu", "float64", True, "blocked", True),  # float64 checks stay exact in float64
+@pytest.mark.parametrize("impl, platform, dtype, documents, context, want, says_why", [
+    ("auto", "cpu", "float32", True, 1, "native", False),
+    ("auto", "cpu", "float64", True, 1, "blocked", True),  # native is float32
+    ("auto", "tpu", "bfloat16", True, 4, "splash", False),
+    ("auto", "cuda", "bfloat16", False, 1, "cudnn", False),
+    ("auto", "cuda", "bfloat16", True, 1, "pallas_gpu", False),  # GPU training: documents in every row
+    ("auto", "gpu", "float32", True, 1, "pallas_gpu", False),
+    ("auto", "gpu", "float64", True, 1, "blocked", True),
+    ("auto", "gpu", "bfloat16", True, 2, "blocked", True),  # the GPU kernels run whole sequences only
+    ("cudnn", "gpu", "bfloat16", True, 1, "pallas_gpu", True),  # cudnn cannot express documents
+    ("cudnn", "gpu", "float32", False, 1, "pallas_gpu", True),  # nor float32
+    ("xla", "tpu", "bfloat16", True, 1, "xla", False),
+    ("native", "cpu", "bfloat16", True, 1, "native", False),  # computed in float32
+    ("native", "cpu", "float64", True, 1, "blocked", True),  # float64 checks stay exact in float64
 ])
-def test_resolution_per_backend(impl, platform, dtype, documents, want, says_why):
-  chosen, note = attention.resolve(impl, platform, dtype, documents)
+def test_resolution_per_backend(impl, platform, dtype, documents, context, want, says_why):
+  chosen, note = attention.resolve(impl, platform, dtype, documents, context)
   assert (chosen, bool(note)) == (want, says_why)
 
 
@@ -175,17 +194,23 @@ def test_bad_attention_config_names_the_field(overrides, field):
     validate(cfg, 1)
 
 
-@pytest.mark.parametrize("impl, platform, seq_len, message", [
-    ("splash", "cpu", 128, "'splash' does not run on cpu devices"),
-    ("cudnn", "tpu", 128, "'cudnn' does not run on tpu devices"),
-    ("splash", "tpu", 96, "multiples of 128"),  # splash tiles by 128
-    ("native", "tpu", 128, "'native' does not run on tpu devices"),
+@pytest.mark.parametrize("impl, platform, seq_len, context, block_q, field, message", [
+    ("splash", "cpu", 128, 1, 0, "model.attention", "'splash' does not run on cpu devices"),
+    ("cudnn", "tpu", 128, 1, 0, "model.attention", "'cudnn' does not run on tpu devices"),
+    ("pallas_gpu", "cpu", 128, 1, 0, "model.attention", "'pallas_gpu' does not run on cpu devices"),
+    ("splash", "tpu", 96, 1, 0, "model.attention", "multiples of 128"),  # splash tiles by 128
+    ("native", "tpu", 128, 1, 0, "model.attention", "'native' does not run on tpu devices"),
+    ("pallas_gpu", "gpu", 256, 2, 0, "model.attention", "pallas_gpu runs whole sequences"),  # no query offset
+    ("pallas_gpu", "gpu", 200, 1, 0, "train.seq_len", "pallas_gpu tiles the sequence by 128"),
+    ("splash", "tpu", 256, 2, 0, "model.attention", "in chunks of 64"),  # 256 / (2 x 2) < 128
+    ("blocked", "cpu", 384, 4, 32, "model.attention_block_q", "32 does not tile the load-balanced chunks of 48"),
 ])
-def test_backend_checks_at_start_up(impl, platform, seq_len, message):
-  cfg = tiny_config(attention=impl, compute_dtype="bfloat16")
+def test_backend_checks_at_start_up(impl, platform, seq_len, context, block_q, field, message):
+  """One line naming the field and the fix, before anything compiles (the trainer resolves on its mesh)."""
+  cfg = tiny_config(attention=impl, compute_dtype="bfloat16", attention_block_q=block_q)
   cfg.train.seq_len = seq_len
-  with pytest.raises(ConfigError, match=r"config\.model\.attention: .*Fix: ") as e:
-    resolve_attention(cfg, platform)
+  with pytest.raises(ConfigError, match=rf"^config\.{field}: [^\n]*Fix: [^\n]*\.$") as e:
+    resolve_attention(cfg, platform, context)
   assert message in str(e.value)
 
 
@@ -216,12 +241,31 @@ def test_auto_falls_back_to_blocked_where_splash_cannot_tile(caplog):
   assert resolve_attention(cfg, "tpu").model.attention == "splash"
 
 
+def test_gpu_training_takes_the_pallas_kernel(caplog):
+  """Training rows carry documents: auto on GPU is pallas_gpu, and blocked under context parallelism
+  (the GPU kernels run whole sequences), saying why."""
+  cfg = tiny_config(compute_dtype="bfloat16")
+  cfg.train.seq_len = 128
+  assert resolve_attention(cfg, "cuda").model.attention == "pallas_gpu"
+  with caplog.at_level("WARNING", logger="loopjax"):
+    assert resolve_attention(cfg, "cuda", 2).model.attention == "blocked"
+  assert "the GPU kernels run whole sequences and mesh.context=2 splits them" in caplog.text
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="GPU only: the compiled Triton kernel (interpret mode above)")
+def test_pallas_gpu_compiled_on_a_gpu():
+  """The same case as the float32 table, compiled for the GPU (bf16 in: a bf16 tolerance)."""
+  q, k, v, seg = (x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x for x in inputs())
+  got = values_and_grads(lambda q, k, v: gpu_attention.pallas_gpu(q, k, v, seg), q, k, v)
+  assert_close(got, WANT, 2e-2)
+
+
 def test_training_logs_and_records_the_resolved_implementation(tmp_path, caplog):
   cfg = tiny_config()
   cfg.train.steps, cfg.train.log_every, cfg.train.batch_size = 2, 1, 8
   with caplog.at_level("INFO", logger="loopjax"):
     result = train(cfg, str(tmp_path))
-  assert "attention: native (model.attention=auto on cpu, seq 16)" in caplog.text
+  assert "seq 16, batch 8, 2 layers, attention native (model.attention=auto)" in caplog.text  # the compile line
   with open(result.metrics_path) as f:
     rows = [json.loads(line) for line in f]
   assert rows[0]["attention"] == "native" and "attention" not in rows[1]

@@ -71,14 +71,15 @@ def test_kill9_during_async_save_then_resume_is_bitwise(tmp_path, reference):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_saves_exits_0_and_restart_continues(tmp_path, reference, sig):
-  """SIGTERM and SIGINT take the same path; the restart is checked for SIGTERM only (saves a run)."""
+def test_signal_saves_exits_75_and_restart_continues(tmp_path, reference, sig):
+  """SIGTERM and SIGINT take the same path and exit 75 (EX_TEMPFAIL: run again); the restart is checked
+  for SIGTERM only (saves a run)."""
   workdir = str(tmp_path / "run")
   # No periodic saves: the only checkpoint before the end is the one the signal causes.
   proc = ts.start(workdir, "--config.checkpoint.every_steps=0", "--config.checkpoint.every_minutes=0")
   ts.wait_until(lambda: len(ts.logged(workdir)) >= 3, proc)
   proc.send_signal(sig)
-  assert proc.wait(timeout=60) == 0, ts.output(workdir)
+  assert proc.wait(timeout=60) == 75, ts.output(workdir)
   out = ts.output(workdir)
   assert f"{sig.name} received" in out
   steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
@@ -128,6 +129,52 @@ def test_truncated_and_unreadable_checkpoints_fall_back(tmp_path, reference):
   listing = subprocess.run([ts.LOOPJAX, "checkpoints", workdir], capture_output=True, text=True, check=True)
   rows = [line.split() for line in listing.stdout.splitlines()[1:]]
   assert [(r[0], r[1], r[3]) for r in rows] == [("4", "main", "yes"), ("8", "main", "yes"), ("12", "main", "yes")]
+
+
+def test_the_only_checkpoint_truncated_stops_in_one_line_and_trains_nothing(tmp_path, reference):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference, workdir)
+  ckpt = os.path.join(workdir, "checkpoints")
+  for step in ("4", "8"):
+    shutil.rmtree(os.path.join(ckpt, step))
+  _truncate_largest_array_file(os.path.join(ckpt, "12"))
+  before = ts.logged(workdir)
+  code, out = ts.run(workdir, "--config.train.steps=16", "--config.optim.on_schedule_change=reschedule",
+                     env=ts.WITHOUT_TPU)
+  assert code == 3, out
+  fault = [line for line in out.splitlines() if not line.startswith("loopjax: ")]
+  assert len(fault) == 1 and fault[0].startswith("loopjax train: no checkpoint in") and "step 12: " in fault[0], out
+  assert "allow_fresh_start=True" in fault[0] and "Traceback" not in out
+  assert sorted(os.listdir(ckpt)) == ["12"] and not os.path.exists(ckpt + "-corrupt")
+  assert ts.logged(workdir) == before
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 3 MiB tmpfs: room for two checkpoints of the smoke model, not three. Needs mount rights."""
+  mount = tmp_path / "disk"
+  mount.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True).returncode:
+    pytest.skip("cannot mount a tmpfs here (needs CAP_SYS_ADMIN)")
+  yield str(mount)
+  subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_disk_full_at_a_save_ends_in_one_line_and_the_next_run_resumes(small_disk, reference):
+  workdir = os.path.join(small_disk, "run")
+  code, out = ts.run(workdir, env=ts.WITHOUT_TPU)
+  fault = [line for line in out.splitlines() if not line.startswith("loopjax: ")]
+  assert code == 3 and 1 <= len(fault) <= 3 and "Traceback" not in out, out
+  unfinished = [d for d in os.listdir(os.path.join(workdir, "checkpoints")) if not d.isdigit()]
+  assert len(unfinished) == 1, unfinished
+  step = unfinished[0].split(".")[0]
+  assert f"saving the checkpoint of step {step} to" in fault[-1] and "No space left on device" in fault[-1], out
+  assert "Fix: free space on that disk" in fault[-1]
+  subprocess.run(["mount", "-o", "remount,size=64m", small_disk], check=True)
+  code, out = ts.run(workdir, env=ts.WITHOUT_TPU)
+  assert code == 0, out
+  assert f"{step}.orbax-checkpoint-tmp" in out and "was never finished" in out
+  assert_same_losses(workdir, reference)
 
 
 def test_checksum_catches_wrong_but_readable_values(tmp_path, reference):

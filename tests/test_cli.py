@@ -21,19 +21,21 @@ REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 FLAGS = {
     "train": ["--config", "--workdir", "--compile_cache", "--coordinator", "--num_processes", "--process_id",
               "--local_devices", "--initialization_timeout", "--verbose"],
-    "eval": ["--checkpoint", "--step", "--data", "--loop_steps", "--output", "--generate", "--questions",
+    "eval": ["--checkpoint", "--hf", "--step", "--data", "--loop_steps", "--output", "--generate", "--questions",
+             "--harness", "--include_path", "--exit_thresholds", "--limit", "--tokenizer", "--batch_size",
              "--compile_cache"],
     "generate": ["--checkpoint", "--hf", "--prompt", "--prompts_file", "--step", "--tokenizer", "--max_new_tokens",
                  "--loop_steps", "--exit_threshold", "--kv_cache", "--temperature", "--top_k", "--top_p", "--seed",
                  "--eos_ids", "--max_len", "--batch_size", "--output", "--compile_cache"],
-    "prepare": ["--output", "--tokenizer", "--text_field", "--txt_separator", "--bos_token", "--num_workers",
-                "--no_progress"],
+    "prepare": ["--output", "--tokenizer", "--text_field", "--txt_separator", "--bos_token", "--on_bad_record",
+                "--validation_fraction", "--chunk_tokens", "--runner"],
     "checkpoints": ["workdir"],
     "upscale": ["--from", "--to", "--layers", "--mapping", "--moments", "--step"],
     "import-hf": ["--hf", "--config", "--workdir"],
     "export-hf": ["--checkpoint", "--step", "--output", "--dtype", "--tokenizer", "--overwrite", "--max_shard_size"],
     "compile": ["--config", "--topology"],
     "params": ["--config", "--config.a.b=VALUE"],
+    "config": ["--config", "--keys"],
     "plot": ["WORKDIR", "--output", "--dpi"],
 }
 
@@ -105,8 +107,25 @@ def test_params_prints_the_count_with_overrides_in_order():
   plain, overridden = run_all(["params", *SMOKE],
                               ["params", *SMOKE, "--config.model.num_layers", "8", "--config.model.num_layers=4"])
   assert plain.returncode == 0 and overridden.returncode == 0, plain.stderr + overridden.stderr
-  assert int(overridden.stdout.replace(",", "")) > int(plain.stdout.replace(",", "")) > 0
+  assert total(overridden.stdout) > total(plain.stdout) > 0
   assert plain.stderr == ""
+  assert [line.split()[0] for line in plain.stdout.splitlines()] == [
+      "parameters", "embed", "exit_gate", "final_norm", "lm_head", "stack"]  # the total, then by part
+  assert total(plain.stdout) == sum(int(line.split()[-1].replace(",", "")) for line in plain.stdout.splitlines()[1:])
+
+
+def total(params_output: str) -> int:
+  """The total of `loopjax params` (its first line: "parameters  103,041")."""
+  return int(params_output.splitlines()[0].split()[1].replace(",", ""))
+
+
+def test_version_and_config_print_what_a_run_would_use():
+  version, resolved, keys = run_all(["--version"], ["config", *SMOKE, "--config.train.steps=7"], ["config", "--keys"])
+  assert version.returncode == 0 and version.stdout.startswith("loopjax 0.")
+  assert "train.steps = 7\n" in resolved.stdout and 'data.source = "multihop"\n' in resolved.stdout
+  assert keys.returncode == 0 and len(keys.stdout.splitlines()) == len(resolved.stdout.splitlines())
+  step_timeout = next(line for line in keys.stdout.splitlines() if line.startswith("train.step_timeout "))
+  assert "0.0  # Watchdog" in step_timeout and "exits 76" in step_timeout
 
 
 def test_train_prints_a_summary_and_no_library_info_logs(tmp_path):

@@ -45,7 +45,10 @@ BAD = [
     ([("mesh", "data", -1), ("mesh", "fsdp", -1)], 8, "config.mesh", "at most one"),
     ([("mesh", "data", 1), ("mesh", "tensor", -1)], 8, "config.model.num_heads", "mesh.tensor"),
     ([("model", "remat", "sometimes")], 1, "config.model.remat", "one of"),
-    ([("mesh", "data", 1), ("mesh", "context", 8), ("train", "seq_len", 12)], 8, "config.mesh.context", "dividing 12"),
+    ([("mesh", "data", 1), ("mesh", "context", 8), ("train", "seq_len", 24)], 8, "config.mesh.context",
+     "multiple of 2 x mesh.context"),  # the load-balanced order cuts the sequence into 2 x context chunks
+    ([("mesh", "data", 4), ("mesh", "context", 2), ("model", "loss_chunk", 16)], 8, "config.model.loss_chunk",
+     "train.seq_len / mesh.context"),  # each device chunks its own 8 of the 16 positions
     ([("model", "loss_chunk", 5)], 1, "config.model.loss_chunk", "divisor"),
     ([("objective", "beta", -1.0)], 1, "config.objective.beta", "non-negative"),
     ([("model", "vocab_size", 16)], 1, "config.model.vocab_size", "vocab"),
@@ -100,4 +103,5 @@ def test_config_overrides_reach_the_run():
   result = run_cli("params", "--config", "configs/smoke.py", "--config.model.num_layers=4")
   assert result.returncode == 0, result.stderr
   small = run_cli("params", "--config", "configs/smoke.py")
-  assert int(result.stdout.replace(",", "")) > int(small.stdout.replace(",", ""))
+  total = lambda out: int(out.splitlines()[0].split()[1].replace(",", ""))  # "parameters  103,041"
+  assert total(result.stdout) > total(small.stdout)

@@ -20,8 +20,7 @@ def write_docs(path, docs):
 def prepared(tmp_path, name, docs) -> str:
   write_docs(tmp_path / name / "in.txt", docs)
   out = str(tmp_path / name / "out")
-  prepare.prepare([str(tmp_path / name / "in.txt")], out, prepare.Options(txt_separator="\n<doc>\n"),
-                  progress=False)
+  prepare.prepare([str(tmp_path / name / "in.txt")], out, prepare.Options(txt_separator="\n<doc>\n"))
   return out
 
 

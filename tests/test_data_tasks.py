@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from loopjax import config
-from loopjax.data import evaluate, tasks
+from loopjax.data import tasks
+from loopjax.evaluation import exact_match
 
 S = 3  # the shared specials <pad>, <bos>, <ans>
 
@@ -82,13 +83,13 @@ def test_capo_biographies_are_consistent_and_eval_asks_what_they_say():
 
 @pytest.mark.parametrize("source", tasks.TASK_NAMES)
 def test_exact_match_scores_per_question(source):
-  batches = evaluate.make_eval_batches(cfg(source), seq_len=64, batch_size=4, num_batches=2)
-  again = evaluate.make_eval_batches(cfg(source), seq_len=64, batch_size=4, num_batches=2)
+  batches = exact_match.make_eval_batches(cfg(source), seq_len=64, batch_size=4, num_batches=2)
+  again = exact_match.make_eval_batches(cfg(source), seq_len=64, batch_size=4, num_batches=2)
   for b, b2 in zip(batches, again):
     np.testing.assert_array_equal(b["inputs"], b2["inputs"])
   batch = batches[0]
-  assert evaluate.exact_match(batch["targets"], batch) == 1.0
-  correct, total = evaluate.exact_match_counts(batch["targets"], batch)
+  assert exact_match.exact_match(batch["targets"], batch) == 1.0
+  correct, total = exact_match.exact_match_counts(batch["targets"], batch)
   answers = np.argwhere(batch["answer_mask"] > 0)
   assert correct == total == len({(r, batch["segment_ids"][r, c]) for r, c in answers})
   # Break one answer token of one question: exactly that question turns wrong, whatever else is wrong.
@@ -96,9 +97,9 @@ def test_exact_match_scores_per_question(source):
   predicted[batch["answer_mask"] == 0] = -1
   r, col = np.argwhere(batch["answer_mask"] > 0)[0]
   predicted[r, col] += 1
-  assert evaluate.exact_match_counts(predicted, batch) == (total - 1, total)
+  assert exact_match.exact_match_counts(predicted, batch) == (total - 1, total)
 
 
 def test_eval_batches_need_a_synthetic_task():
   with pytest.raises(ValueError, match="one synthetic task"):
-    evaluate.make_eval_batches(cfg("mano,capo"), seq_len=64, batch_size=4, num_batches=1)
+    exact_match.make_eval_batches(cfg("mano,capo"), seq_len=64, batch_size=4, num_batches=1)

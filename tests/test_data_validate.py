@@ -13,7 +13,7 @@ def corpus(tmp_path, name, tokenizer_spec="byte"):
   src = tmp_path / f"{name}.txt"
   src.write_text(f"some text for {name}")
   out = str(tmp_path / name)
-  prepare.prepare([str(src)], out, prepare.Options(tokenizer=tokenizer_spec), progress=False)
+  prepare.prepare([str(src)], out, prepare.Options(tokenizer=tokenizer_spec))
   return out
 
 

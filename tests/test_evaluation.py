@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from helpers import random_params, tiny_config
-from loopjax import evaluation, sharding
-from loopjax.data import evaluate as task_eval
+from loopjax import sharding
+from loopjax.evaluation import exact_match, teacher_forced
 from loopjax.train.state import model_graph
 
 
@@ -18,11 +18,11 @@ def setup():
   cfg.eval.loop_steps, cfg.eval.num_batches = "1,3,5", 2
   graphdef, _ = model_graph(cfg.model)
   params = jax.tree.map(np.asarray, random_params(cfg.model, seed=2))
-  return cfg, graphdef, params, evaluation.eval_batches(cfg)
+  return cfg, graphdef, params, teacher_forced.eval_batches(cfg)
 
 
 def evaluate(cfg, params, mesh, batches):
-  return evaluation.Evaluator(cfg, mesh, batches)(params)
+  return teacher_forced.Evaluator(cfg, mesh, batches)(params)
 
 
 def test_reports_every_loop_count(setup):
@@ -51,8 +51,8 @@ def test_matches_an_unsharded_recomputation(setup):
     ce_sum += (ce * b["loss_mask"]).sum(axis=(1, 2))
     tokens += b["loss_mask"].sum()
     for t in range(3):
-      correct[t] += task_eval.exact_match_counts(logits[t].argmax(-1), b)[0]
-    questions += task_eval.exact_match_counts(logits[0].argmax(-1), b)[1]
+      correct[t] += exact_match.exact_match_counts(logits[t].argmax(-1), b)[0]
+    questions += exact_match.exact_match_counts(logits[0].argmax(-1), b)[1]
   np.testing.assert_allclose(results["eval_T3/ce_per_step"], ce_sum / tokens, rtol=1e-5)
   np.testing.assert_allclose(results["eval_T3/exact_match_per_step"], correct / questions)
   assert questions > 0
@@ -62,4 +62,4 @@ def test_no_held_out_batch_is_a_config_error(setup):
   from loopjax.config import ConfigError
   cfg = setup[0]
   with pytest.raises(ConfigError, match=r"^config.eval.source: 'mano' yields no held-out batch.*Fix: "):
-    evaluation.Evaluator(cfg, sharding.make_mesh((8, 1, 1, 1)), batches=[])
+    teacher_forced.Evaluator(cfg, sharding.make_mesh((8, 1, 1, 1)), batches=[])

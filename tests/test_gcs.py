@@ -37,7 +37,7 @@ from etils import epath  # noqa: E402
 
 from loopjax import checkpoint as ck  # noqa: E402
 from loopjax import storage  # noqa: E402
-from loopjax.checkpoint_list import list_checkpoints  # noqa: E402
+from loopjax.checkpoint.listing import list_checkpoints  # noqa: E402
 from loopjax.train.writer import MetricWriter  # noqa: E402
 
 BUCKET = "bucket"
@@ -181,7 +181,8 @@ def test_checkpoints_save_restore_quarantine_and_list(gcs):
   assert [(r["step"], r["complete"]) for r in list_checkpoints(directory)] == [(1, True), (2, True)]
   (epath.Path(directory) / "2" / "params" / "_METADATA").unlink()  # damage the newest
   ckpt = ck.Checkpointer(directory, keep=5)
-  restored = ckpt.restore_latest({"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)})
+  target = {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)}
+  restored = ck.restore_latest(ckpt, lambda step: (target, None))
   assert restored.step == 1 and ckpt.all_steps() == [1]
   np.testing.assert_array_equal(restored.items["params"]["w"], tree["w"])
   ckpt.close()

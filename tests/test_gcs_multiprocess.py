@@ -26,7 +26,7 @@ def _worker(process_id: int, count: int, port: int, directory: str):
   from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
   from loopjax import checkpoint as ck
-  from loopjax.checkpoint_list import list_checkpoints
+  from loopjax.checkpoint.listing import list_checkpoints
   sharding = NamedSharding(Mesh(np.array(jax.devices()).reshape(2, 4), ("a", "b")), PartitionSpec("a", "b"))
   full = np.arange(np.prod(SHAPE), dtype=np.float32).reshape(SHAPE)
   w = jax.make_array_from_callback(SHAPE, sharding, lambda index: full[index])
@@ -42,7 +42,7 @@ def _worker(process_id: int, count: int, port: int, directory: str):
   multihost_utils.sync_global_devices("damaged")
   ckpt = ck.Checkpointer(directory, keep=5)
   target = {"params": {"w": jax.ShapeDtypeStruct(SHAPE, w.dtype, sharding=sharding)}}
-  restored = ckpt.restore_latest(target)
+  restored = ck.restore_latest(ckpt, lambda step: (target, None))
   assert restored.step == 1 and ckpt.all_steps() == [1], (restored.step, ckpt.all_steps())
   for shard in restored.items["params"]["w"].addressable_shards:
     np.testing.assert_array_equal(np.asarray(shard.data), full[shard.index])

@@ -19,7 +19,7 @@ from test_gcs import _bucket_run, _train, gcs  # noqa: F401 - gcs is a fixture
 
 from loopjax import checkpoint as ck
 from loopjax import storage
-from loopjax.checkpoint_list import list_checkpoints
+from loopjax.checkpoint.listing import list_checkpoints
 from loopjax.cli import run as cli
 
 
@@ -98,7 +98,7 @@ def test_prepared_corpus_on_the_bucket_reads_like_the_local_one(gcs, tmp_path): 
   from test_data_prepare import write_corpus
   write_corpus(tmp_path / "in", num_docs=10)
   corpus = tmp_path / "corpus"
-  prepare.prepare([str(tmp_path / "in")], str(corpus), prepare.Options(tokenizer="byte"), progress=False)
+  prepare.prepare([str(tmp_path / "in")], str(corpus), prepare.Options(tokenizer="byte"))
   remote = _bucket_run("corpus")
   storage.copy_tree(corpus, remote)
   assert records.read_manifest(remote) == records.read_manifest(str(corpus))
@@ -121,7 +121,7 @@ def test_export_finds_the_tokenizer_beside_a_corpus_on_the_bucket(gcs, tmp_path)
   tokenizer = _chat_tokenizer(tmp_path / "tokenizer.json")
   (tmp_path / "docs.jsonl").write_text('{"text": "a b a"}\n{"text": "b b"}\n')
   corpus = tmp_path / "corpus"
-  prepare.prepare([str(tmp_path / "docs.jsonl")], str(corpus), prepare.Options(tokenizer=tokenizer), progress=False)
+  prepare.prepare([str(tmp_path / "docs.jsonl")], str(corpus), prepare.Options(tokenizer=tokenizer))
   remote = _bucket_run("tokenized-corpus")
   storage.copy_tree(corpus, remote)
   cfg = tiny_config()

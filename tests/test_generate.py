@@ -1,6 +1,6 @@
 """Generation (loopjax.infer): the released code's greedy tokens, cached == uncached decoding, early exit.
 
-References: ../shared/fixtures/ouro_tiny_mha/generate.npz (the released PyTorch code, uncached greedy
+References: tests/fixtures/ouro_tiny_mha/generate.npz (the released PyTorch code, uncached greedy
 decoding); the model's own uncached forward (`model(tokens)`, the path test_model.py checks against a
 float64 numpy reference); and `unrolled_reference` below, a one-row-at-a-time decoder in Python loops
 with a numpy K/V store per (position, step), which spells out the strategies and the exit-step K/V
@@ -17,16 +17,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import SHARED, SUBPROCESS_CACHE
+from conftest import OURO_FIXTURE as FIXTURE, SUBPROCESS_CACHE
 from helpers import merged_model, random_params, tiny_config
 from loopjax import exits
+from loopjax.evaluation import generation
 from loopjax.hf import load_ouro
-from loopjax.infer import cache, decode, eval_generate, generator, inputs
+from loopjax.infer import cache, decode, generator, inputs
 from loopjax.infer.attention import Past, StepSettings, cached_loop_step
 from loopjax.infer.sampling import Sampling, sample, top_k_mask, top_p_mask
 from loopjax.model import layers
 
-FIXTURE = os.path.join(SHARED, "fixtures", "ouro_tiny_mha")
 LOOPJAX = os.path.join(os.path.dirname(sys.executable), "loopjax")
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 LENGTHS = np.array([5, 9, 1, 12], np.int32)  # mixed prompt lengths, right-padded to 12
@@ -230,14 +230,14 @@ def test_eval_generate_full_depth_matches_the_forward_argmax():
   cfg = tiny_config()
   cfg.data.source, cfg.model.vocab_size = "multihop", 128
   model = merged_model(cfg.model, random_params(cfg.model, seed=4))
-  prompts, answers = eval_generate.questions(cfg, 16)
-  results = eval_generate.curve(model, jax.device_put(decode.weights_of(model)), prompts, answers, 2, 64)
+  prompts, answers = generation.questions(cfg, 16)
+  results = generation.curve(model, jax.device_put(decode.weights_of(model)), prompts, answers, 2, 64)
   logits = model(jnp.asarray(prompts), loop_steps=2).step_logits[-1, :, -1]
   expected = float(np.mean(np.asarray(logits.argmax(-1)) == np.array(answers)[:, 0]))
   assert results["gen_T2/exact_match_full_depth"] == expected
   depths = results["gen_T2/mean_depth_q"]
   assert len(depths) == 9 and all(1 <= d <= 2 for d in depths) and depths == sorted(depths)
-  table = eval_generate.format_table({"gen/q": list(eval_generate.THRESHOLDS), **results})
+  table = generation.format_table({"gen/q": list(generation.THRESHOLDS), **results})
   assert table.splitlines()[-1].split()[0] == "2"
 
 

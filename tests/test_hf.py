@@ -1,4 +1,4 @@
-"""Ouro HF import reproduces the released model code's outputs (../shared/fixtures/ouro_tiny_mha)."""
+"""Ouro HF import reproduces the released model code's outputs (tests/fixtures/ouro_tiny_mha)."""
 
 import os
 
@@ -7,11 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import SHARED
+from conftest import OURO_FIXTURE as FIXTURE
 from loopjax import exits
 from loopjax.hf import load_ouro
 
-FIXTURE = os.path.join(SHARED, "fixtures", "ouro_tiny_mha")
 RTOL = 1e-4  # float32 rounding, as the issue states; relative to the array's scale
 
 
@@ -21,8 +20,6 @@ def rel_err(actual, expected):
 
 @pytest.fixture(scope="module")
 def reference():
-  if not os.path.isdir(FIXTURE):
-    pytest.skip(f"fixture not found at {FIXTURE}")
   return dict(np.load(os.path.join(FIXTURE, "expected.npz")))
 
 

@@ -1,4 +1,4 @@
-"""Hugging Face in and out on the released-code fixture (../shared/fixtures/ouro_tiny_mha/hf).
+"""Hugging Face in and out on the released-code fixture (tests/fixtures/ouro_tiny_mha/hf).
 
 Round trips: fixture -> import -> export is bit for bit (float32, and bfloat16 in shards); import ->
 `loopjax train` -> export -> `load_ouro` gives the checkpoint's own logits; import -> `loopjax upscale`
@@ -22,7 +22,7 @@ import safetensors.flax
 import tokenizers
 from flax import nnx
 
-from conftest import SHARED, SUBPROCESS_CACHE
+from conftest import OURO_FIXTURE, SUBPROCESS_CACHE
 from helpers import merged_model, random_params, tiny_config
 from loopjax.checkpoint import Checkpointer, CheckpointError, restore_params
 from loopjax.config import ConfigError, config_from_dict, load_config_file
@@ -32,10 +32,10 @@ from loopjax.hf import card
 from loopjax.hf.export import export_checkpoint
 from loopjax.hf.tensorfile import INDEX, TensorDir
 from loopjax.train.init_from import initial_state
-from loopjax.train.start_checkpoint import write_start_checkpoint
+from loopjax.train.driver import write_start_checkpoint
 from loopjax.train.trainer import build_trainer, make_mesh
 
-HF = os.path.join(SHARED, "fixtures", "ouro_tiny_mha", "hf")
+HF = os.path.join(OURO_FIXTURE, "hf")
 LOOPJAX = os.path.join(os.path.dirname(sys.executable), "loopjax")
 # The fixture's model (vocab 320, hidden 64, 2 layers, 4 heads of 16, MLP 160, T=4) on Mano data (32 ids at 3 operations).
 CONFIG = """
@@ -51,8 +51,6 @@ def get_config():
   c.optim.warmup_steps, c.optim.decay_steps = 1, 1
   return c
 """
-
-pytestmark = pytest.mark.skipif(not os.path.isdir(HF), reason=f"fixture not found at {HF}")
 
 
 @pytest.fixture(scope="module")
@@ -309,7 +307,7 @@ def test_tokenizer_is_shipped_given_or_found_beside_the_runs_corpus(imported, tm
   assert (out / "tokenizer.json").read_bytes() == (tmp_path / "tokenizer.json").read_bytes()
   (tmp_path / "docs.jsonl").write_text('{"text": "a b a"}\n{"text": "b b"}\n')
   corpus = tmp_path / "corpus"
-  prepare.prepare([str(tmp_path / "docs.jsonl")], str(corpus), prepare.Options(tokenizer=tokenizer), progress=False)
+  prepare.prepare([str(tmp_path / "docs.jsonl")], str(corpus), prepare.Options(tokenizer=tokenizer))
   cfg = run_config(config_file)
   cfg.data.source = str(corpus)
   assert card.find_tokenizer(cfg, None) == str(corpus / "tokenizer.json")

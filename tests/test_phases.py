@@ -9,6 +9,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 
@@ -17,7 +18,7 @@ import pytest
 import _train_subprocess as ts
 from helpers import tiny_config
 from loopjax import phases
-from loopjax.checkpoint_list import list_checkpoints
+from loopjax.checkpoint.listing import list_checkpoints
 from loopjax.config import ConfigError, validate
 from loopjax.train.driver import check_run
 from loopjax.train.state import count_params
@@ -211,3 +212,22 @@ def test_smoke_recipe_killed_in_its_third_phase_continues_to_the_same_losses(tmp
   assert run_smoke(workdir).wait(timeout=600) == 0, ts.output(workdir)[-3000:]
   assert "resumed from checkpoint step 15" in ts.output(workdir)  # inside phase 2: the data stream resumed
   assert ts.losses(workdir) == ts.losses(smoke_run)
+
+
+@pytest.mark.slow
+def test_smoke_recipe_console_names_each_phase_its_entry_and_each_compile_once(smoke_run):
+  """The console narrates (loopjax/train/narration.py): a start and a done line per phase, what each entry
+  did, and one compile line per step shape (8 segments, all of other shapes) with its attention core."""
+  lines = [line for line in ts.output(smoke_run).splitlines() if line.startswith("loopjax: ")]
+  starts = [line for line in lines if re.match(r"loopjax: phase \S+ \(\d/6\) starts at step", line)]
+  assert [line.split()[2] for line in starts] == ["1a", "1b", "2", "3", "4", "gate"]
+  assert "(batch ramps 4 -> 6 -> 8)" in starts[0] and "on entry" not in starts[0]
+  assert starts[1].endswith("T=4, seq 32, batch 8, 4 layers, mesh data=1 fsdp=1 context=1 tensor=1; on entry: "
+                            "upscaled 2 -> 4 layers (interleave)")
+  assert starts[5].endswith("on entry: gate stage (Stage II): only the exit gate trains")
+  done = [line.split()[2] for line in lines if re.match(r"loopjax: phase \S+ done at step \d+: .* tokens in .* s, loss ",
+                                                        line)]
+  assert done == ["1a", "1b", "2", "3", "4", "gate"]
+  compiles = [line for line in lines if "compiled the train step" in line]
+  assert len(compiles) == 8 and all("attention native (model.attention=auto)" in line for line in compiles)
+  assert not any(line.startswith("loopjax: attention:") for line in lines)

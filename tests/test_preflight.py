@@ -128,6 +128,29 @@ def test_long_sequences_compile_splash_attention_with_linear_memory():
 
 @pytest.mark.slow
 @needs_libtpu
+def test_context_parallel_splash_runs_each_chip_on_its_own_queries():
+  """Context 2 of 4 chips at seq 1024: in the compiled program splash's forward takes 512 queries per call
+  (q_seq_shards; it took all 1024, the attention of every chip repeated, before issue 30), and a chip's
+  attention FLOPs are the step's over the 4 chips, not over the 2 data-parallel shards."""
+  overrides = [*SMALL[:-2], "--config.model.hidden_size=256", "--config.model.mlp_dim=512",
+               "--config.model.num_layers=1", "--config.model.loop_steps=2", "--config.mesh.data=1",
+               "--config.mesh.fsdp=2", "--config.mesh.context=2", "--config.train.batch_size=2",
+               "--config.train.seq_len=1024"]
+  code, report = _compile("--topology", "v5e:2x2", *overrides)
+  assert code == 0, report
+  assert _field(report, "attention").endswith("splash kernel in the program: yes; 512 of 1024 queries per chip)")
+  cfg = load_config_file(os.path.join(REPO, "configs", "smoke.py"))
+  for override in overrides:
+    key, value = override.removeprefix("--config.").split("=")
+    section, name = key.split(".")
+    cfg[section][name] = int(value)
+  attention = (flops_per_token(cfg.model, 1024) - flops_per_token(cfg.model, 0)) * 2 * 1024
+  per_chip = re.search(r"attention (\S+) on 512 of 1024 queries", _field(report, "per chip"))
+  assert per_chip and float(per_chip.group(1)) == pytest.approx(attention / 4, rel=1e-3), report
+
+
+@pytest.mark.slow
+@needs_libtpu
 def test_explain_accounts_for_the_temporaries_and_microbatches_shrink_them():
   """--explain splits the temporaries by what they hold, summing to memory_analysis' figure; with 2
   microbatches of 1 row per chip, the saved layer inputs are T x L x 1 x S x D float32 exactly."""

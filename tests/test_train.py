@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import time
 
 import jax
 import pytest
@@ -79,7 +80,7 @@ def test_periodic_evaluation_at_two_loop_counts(run):
 
 def test_evaluating_the_saved_checkpoint_reproduces_the_last_eval(run):
   """`loopjax eval`'s path: restore params from the final checkpoint with the run's saved config."""
-  from loopjax.evaluation import evaluate_checkpoint
+  from loopjax.evaluation.teacher_forced import evaluate_checkpoint
   _, workdir, _, eval_rows = run
   step, results = evaluate_checkpoint(os.path.join(workdir, "checkpoints"))
   assert step == 30
@@ -110,7 +111,7 @@ def test_the_step_runs_at_the_loop_count_of_its_config(objective):
 
 def test_profile_hook_writes_a_trace_of_the_asked_steps(tmp_path):
   cfg = tiny_config()
-  cfg.train.steps, cfg.train.batch_size, cfg.train.profile_start, cfg.train.profile_steps = 4, 8, 1, 2
+  cfg.train.steps, cfg.train.batch_size, cfg.train.profile_steps = 4, 8, "1:3"
   train(cfg, str(tmp_path))
   traces = glob.glob(str(tmp_path / "profile" / "**" / "*.xplane.pb"), recursive=True)
   assert len(traces) == 1 and os.path.getsize(traces[0]) > 0
@@ -127,3 +128,24 @@ def test_peak_flops_comes_from_config_env_or_a_probe(monkeypatch):
   cfg.train.peak_flops = 0.0
   measured, source = peak_flops(cfg)  # CPU: the model's own [B x S, D] @ [D, F] matmul
   assert measured > 1e8 and "[64, 32] @ [32, 48] float32" in source
+
+
+def test_profiles_on_demand_from_the_request_file_and_sigusr1(tmp_path, caplog):
+  """WORKDIR/PROFILE (here left before the start, asking for 2 steps) and SIGUSR1 mid-run each trace."""
+  import signal
+  import threading
+  cfg = tiny_config()
+  cfg.train.steps, cfg.train.batch_size = 40, 8
+  (tmp_path / "PROFILE").write_text("2\n")
+
+  def signal_once_running():
+    while not os.path.exists(tmp_path / "metrics.jsonl") or len(open(tmp_path / "metrics.jsonl").readlines()) < 8:
+      time.sleep(0.01)
+    os.kill(os.getpid(), signal.SIGUSR1)
+  threading.Thread(target=signal_once_running, daemon=True).start()
+  with caplog.at_level("INFO", logger="loopjax"):
+    train(cfg, str(tmp_path))
+  assert "profiling steps 2-3" in caplog.text and caplog.text.count("profiling steps") == 2
+  assert not (tmp_path / "PROFILE").exists()  # consumed
+  traces = glob.glob(str(tmp_path / "profile" / "**" / "*.xplane.pb"), recursive=True)
+  assert len(traces) == 2 and all(os.path.getsize(t) > 0 for t in traces)

@@ -7,7 +7,7 @@ def add_arguments(parser):
 
 def run(args) -> int:
   from loopjax import storage
-  from loopjax.checkpoint_list import list_checkpoints
+  from loopjax.checkpoint.listing import list_checkpoints
   directory = str(storage.run_path(args.workdir) / "checkpoints")
   rows = list_checkpoints(directory)
   if not rows:

@@ -10,7 +10,7 @@ import difflib
 
 from ml_collections import ConfigDict
 
-from loopjax.config import ConfigError, load_config_file
+from loopjax.config import ConfigError, default_config, load_config_file
 
 PREFIX = "--config."
 _BOOLS = {"true": True, "1": True, "false": False, "0": False}
@@ -60,9 +60,10 @@ def parse_value(raw: str, kind: type):
     raise ValueError(_EXPECTED.get(kind, f"a Python literal of type {kind.__name__}")) from None
 
 
-def load(spec: str, overrides: list[tuple[str, str]]) -> ConfigDict:
-  """The config file `spec` ("file.py" or "file.py:ARG"), locked, with `overrides` applied in order."""
-  cfg = load_config_file(spec)
+def load(spec: str | None, overrides: list[tuple[str, str]]) -> ConfigDict:
+  """The config file `spec` ("file.py" or "file.py:ARG"; None: the defaults, for a command whose --config
+  is optional), locked, with `overrides` applied in order."""
+  cfg = load_config_file(spec) if spec is not None else default_config()
   cfg.lock()
   for key, raw in overrides:
     apply_override(cfg, key, raw)

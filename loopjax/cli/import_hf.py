@@ -18,7 +18,7 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-  from loopjax.train.start_checkpoint import write_start_checkpoint
+  from loopjax.train.driver import write_start_checkpoint
   cfg = args.config
   cfg.init.from_hf, cfg.init.from_checkpoint = args.hf, ""
   path = write_start_checkpoint(cfg, args.workdir)

@@ -1,8 +1,12 @@
-"""Process set-up shared by the commands that run JAX programs: the compile cache and grain's flags."""
+"""Process set-up shared by the commands that run JAX programs: the platforms, the compile cache and grain's flags."""
 
+import glob
+import importlib.util
 import os
+import pathlib
 
 DEFAULT_COMPILE_CACHE = "~/.cache/loopjax/xla"
+COMPILE_CACHE_MAX_BYTES = 16 * 2**30  # least recently used entries are evicted beyond this
 
 
 def add_compile_cache_argument(parser):
@@ -11,12 +15,52 @@ def add_compile_cache_argument(parser):
                            f"default {DEFAULT_COMPILE_CACHE}")
 
 
+def skip_absent_tpu():
+  """JAX_PLATFORMS=cpu on a machine with libtpu installed (the `test` and `tpu` extras) but no TPU or GPU.
+
+  Why: JAX then still starts its TPU backend, and libtpu prints ~5 lines of errors ("could not determine TPU
+  accelerator type", "unexpected worker hostname ...") before every command's own output. Nothing changes
+  where a TPU is attached (PCI vendor 0x1ae0, what JAX itself checks), a GPU is visible, or the user set
+  JAX_PLATFORMS; `loopjax compile --topology` still compiles for TPU (it loads libtpu for the topology alone).
+  """
+  if os.environ.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None:
+    return
+  google = [p for p in glob.glob("/sys/bus/pci/devices/*/vendor") if pathlib.Path(p).read_text().strip() == "0x1ae0"]
+  accelerators = ("/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg", "/dev/kfd", "/dev/accel0", "/dev/vfio/0")
+  if not google and not any(os.path.exists(d) for d in accelerators):
+    import jax  # read JAX_PLATFORMS at its import; the setting counts until a backend starts
+    jax.config.update("jax_platforms", "cpu")
+    os.environ["JAX_PLATFORMS"] = "cpu"  # for the processes this one starts
+
+
 def enable_compile_cache(path: str):
-  """Compiled programs are kept across runs: a restarted or resumed run skips most of its compiling."""
+  """Compiled programs are kept across runs: a restarted or resumed run skips most of its compiling.
+
+  Safe with several processes per host: JAX writes an entry in place, so a process reading it while
+  another writes it (with jax.distributed only process 0 writes, and the others read) could load half an
+  executable. A size bound makes JAX take a file lock around every read and write (and evict old entries).
+  """
   import jax
   if path:
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
+    path = os.path.expanduser(path)
+    _date_unbounded_entries(path)
+    jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_compilation_cache_max_size", COMPILE_CACHE_MAX_BYTES)
+
+
+def _date_unbounded_entries(path: str):
+  """Gives each entry an unbounded cache wrote (an older loopjax) the access-time file a bounded cache keeps
+  beside it: JAX's eviction reads one per entry and fails every later write on a missing one."""
+  for entry in glob.glob(os.path.join(glob.escape(path), "*-cache")):
+    atime = entry[:-len("-cache")] + "-atime"
+    try:
+      if not os.path.exists(atime):
+        stamp = os.stat(entry).st_mtime_ns.to_bytes(8, "little")
+        with open(atime, "wb") as f:
+          f.write(stamp)
+    except FileNotFoundError:  # evicted by another process meanwhile
+      pass
 
 
 def allow_grain_workers():

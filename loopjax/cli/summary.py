@@ -14,7 +14,7 @@ def format_summary(result: RunResult) -> str:
   if "loss" in m:
     head += f", loss {m['loss']:.4f}"
   if result.preempted:
-    head += " (saved; the same command continues the run)"
+    head += " (saved; exit code 75: the same command continues the run)"
   lines = [head, *_exits(m)]
   lines += [f"  metrics      {result.metrics_path}", f"  tensorboard  {result.tensorboard_dir}",
             f"  checkpoint   {result.checkpoint_dir or 'none'}"]

@@ -1,7 +1,9 @@
 """Train (or continue training) a model: loopjax train --config configs/smoke.py --workdir DIR.
 
 The run resumes from the newest complete checkpoint in WORKDIR/checkpoints. Metrics go to
-WORKDIR/metrics.jsonl and WORKDIR/tensorboard; SIGTERM or Ctrl-C saves a checkpoint, then stops.
+WORKDIR/metrics.jsonl and WORKDIR/tensorboard; SIGTERM or Ctrl-C saves a checkpoint, then stops with
+exit code 75 (EX_TEMPFAIL: run the same command again to continue); a run whose steps hang is stopped by
+its watchdog with exit code 76 (run it again too). loopjax/cli/errors.py lists the codes.
 """
 
 from loopjax.cli import config_args, runtime
@@ -27,5 +29,6 @@ def run(args) -> int:
   if jax.process_index() == 0:
     from loopjax.cli.summary import format_summary
     print(format_summary(result), flush=True)
-  return 0
+  from loopjax.cli.errors import EXIT_RETRY
+  return EXIT_RETRY if result.preempted else 0
 

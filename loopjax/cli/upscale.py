@@ -19,7 +19,7 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-  from loopjax.upscale_checkpoint import upscale_checkpoint
+  from loopjax.checkpoint.upscale import upscale_checkpoint
   summary = upscale_checkpoint(args.src, args.dst, layers=args.layers, mapping=args.mapping,
                                moments=args.moments, step=args.step)
   print(f"upscaled step {summary['step']}: {summary['from_layers']} -> {summary['to_layers']} layers, "

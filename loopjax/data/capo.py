@@ -24,6 +24,12 @@ class World:
     self.value_base = self.attribute_base + attributes
     self.vocab_size = self.value_base + attributes * values
 
+  def token_names(self) -> list[str]:
+    """A word per token id (`task_text.TaskTokenizer`): people P<i>, attributes <attr_a>, values a<a>=<v>."""
+    return ([*synthetic.SPECIAL_NAMES] + [f"P{p}" for p in range(self.people)]
+            + [f"<attr_{a}>" for a in range(self.attributes)]
+            + [f"a{a}={v}" for a in range(self.attributes) for v in range(self.values)])
+
   def document(self, person: int, attributes) -> dict:
     tokens = [synthetic.BOS, self.person_base + person]
     answers = []

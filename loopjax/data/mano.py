@@ -67,8 +67,8 @@ def eval_example(seed: int, index: int, max_ops: int) -> dict:
 
 
 def detokenize(tokens) -> list[str]:
-  """Human-readable tokens, for debugging and docs."""
-  names = {synthetic.PAD: "<pad>", synthetic.BOS: "<bos>", synthetic.ANS: "<ans>"}
+  """Human-readable tokens: for debugging, docs and the task's text form (`task_text.TaskTokenizer`)."""
+  names = dict(enumerate(synthetic.SPECIAL_NAMES))
   out = []
   for t in np.asarray(tokens).tolist():
     if t in names:

@@ -33,6 +33,11 @@ class World:
     self.person_base = self.relation_base + relations
     self.vocab_size = self.person_base + people
 
+  def token_names(self) -> list[str]:
+    """A word per token id (`task_text.TaskTokenizer`): hop counts, relations r<i>, people P<i>."""
+    return ([*synthetic.SPECIAL_NAMES] + [f"<hops_{k}>" for k in range(1, self.max_hops + 1)]
+            + [f"r{r}" for r in range(self.relations)] + [f"P{p}" for p in range(self.people)])
+
   def answer(self, person: int, path) -> int:
     for r in path:
       person = int(self.table_rp[r, person])

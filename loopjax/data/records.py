@@ -1,17 +1,19 @@
 """The on-disk form of a prepared corpus: ArrayRecord shards of token ids plus a manifest.
 
-A prepared directory holds `shard-NNNNN.arrayrecord` files (one record per document: its token ids as
-little-endian uint16, or uint32 when the vocabulary needs it), one `<shard>.done.json` per finished
-shard, and `manifest.json`, written last. Only a directory with a manifest is a corpus, and only a shard
-whose bytes match its recorded sha256 counts as done, so an interrupted prepare is never mistaken for a
-finished one.
+A prepared directory holds `shard-NNNNN.arrayrecord` files (one record per document, or per chunk of one
+with `prepare --chunk_tokens`: its token ids as little-endian uint16, or uint32 when the vocabulary
+needs it), one `<shard>.done.json` per finished shard, and `manifest.json`, written last; with
+`prepare --validation_fraction`, a `validation/` corpus of the same form holds the held-out documents.
+Only a directory with a manifest is a corpus, and only a shard whose bytes match its recorded sha256
+counts as done, so an interrupted prepare is never mistaken for a finished one (BUILD.md, "Preparing
+corpora", lists every file).
 """
 
 import hashlib
 import json
 import os
+import uuid
 
-import grain
 import numpy as np
 from etils import epath
 
@@ -21,6 +23,7 @@ MANIFEST = "manifest.json"
 FORMAT = "loopjax-tokens-v1"
 DONE_SUFFIX = ".done.json"
 TOKENIZER = "tokenizer.json"  # the HF tokenizer's copy beside a corpus prepared with one
+VALIDATION = "validation"  # the held-out split prepare writes under a corpus (--validation_fraction)
 
 
 class CorpusError(ValueError):
@@ -44,14 +47,24 @@ def sha256_file(path: str) -> str:
   return digest.hexdigest()
 
 
-def write_json_atomic(path: str, obj) -> None:
-  """Writes JSON so that `path` either does not exist or holds the whole file."""
-  tmp = f"{path}.tmp-{os.getpid()}"
+def write_json_atomic(path, obj) -> None:
+  """Writes JSON so that `path` (local or gs://) either does not exist or holds the whole file: on disk a
+  temporary file renamed into place, on a bucket one object upload (whole or absent)."""
+  text = json.dumps(obj, indent=1, sort_keys=True)
+  if storage.is_remote(path):
+    epath.Path(path).write_text(text)
+    return
+  tmp = f"{path}.tmp-{uuid.uuid4().hex}"
   with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1, sort_keys=True)
+    f.write(text)
     f.flush()
     os.fsync(f.fileno())
   os.replace(tmp, path)
+
+
+def read_json(path):
+  """The JSON object in a local or gs:// file."""
+  return json.loads(epath.Path(path).read_text())
 
 
 def read_manifest(corpus_dir: str) -> dict:
@@ -84,22 +97,41 @@ def read_manifest(corpus_dir: str) -> dict:
     if not shard_path.exists() or shard_path.stat().length != shard["bytes"]:
       raise CorpusError(f"shard {shard_path} is missing or has the wrong size",
                         "re-run `loopjax prepare` into the same directory to rebuild it")
+  if manifest.get("split") == VALIDATION and not (root.parent / MANIFEST).exists():
+    raise CorpusError(f"{corpus_dir!r} is the held-out split of an unfinished corpus ({root.parent / MANIFEST} "
+                      "does not exist)", "run `loopjax prepare` into its parent again")
   if manifest["documents"] == 0:
     raise CorpusError(f"{path} lists no documents", "prepare a corpus with non-empty documents")
   return manifest
+
+
+def validation_source(names: list[str]) -> str:
+  """The held-out splits of the corpora `names` ("a/validation,b/validation") when prepare held documents
+  out of every one of them (a mixture keeps its weights); "" otherwise (a task, or a corpus without one)."""
+  held_out = []
+  for name in names:
+    try:
+      split = read_json(storage.run_path(name) / MANIFEST).get("validation")
+    except (OSError, ValueError):  # a task name, or no corpus there
+      return ""
+    if not split or not split["documents"]:
+      return ""
+    held_out.append(f"{name.rstrip('/')}/{split['path']}")
+  return ",".join(held_out)
 
 
 def _decode(record: bytes, dtype: np.dtype) -> dict:
   return {"tokens": np.frombuffer(record, dtype=dtype).astype(np.int32)}
 
 
-def corpus_documents(corpus_dir: str) -> grain.MapDataset:
+def corpus_documents(corpus_dir: str) -> "grain.MapDataset":
   """A MapDataset of {"tokens": int32[n]} over all shards of a prepared corpus, in manifest order.
 
   gs:// shards are read by ArrayRecord's built-in GCS reader (riegeli's GcsReader, google-cloud-cpp:
   Application Default Credentials; an emulator through CLOUD_STORAGE_EMULATOR_ENDPOINT), one ranged
   read per record.
   """
+  import grain  # here, not at the top: prepare's Beam workers read this module's format, not grain's
   manifest = read_manifest(corpus_dir)
   paths = [os.path.join(corpus_dir, s["path"]) for s in manifest["shards"] if s["documents"]]
   dtype = np.dtype(manifest["dtype"])

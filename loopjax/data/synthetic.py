@@ -12,6 +12,7 @@ PAD = 0  # padding; never a target (segment id 0)
 BOS = 1  # document start
 ANS = 2  # "the answer follows"
 NUM_SPECIALS = 3
+SPECIAL_NAMES = ("<pad>", "<bos>", "<ans>")  # the specials' words in a task's text form (`task_text`)
 
 # Stream ids keep train and eval examples (and a task's fixed "world") from sharing random numbers.
 TRAIN_STREAM = 0

@@ -20,6 +20,7 @@ class Task:
   vocab_size: int
   train_example: Callable[[int, int], dict]  # (seed, index) -> document
   eval_example: Callable[[int, int], dict]  # (seed, index) -> document at the evaluated difficulty
+  token_names: tuple[str, ...]  # a distinct word per token id: the task's text form (`task_text`)
 
 
 def make_task(name: str, data_cfg) -> Task:
@@ -27,16 +28,17 @@ def make_task(name: str, data_cfg) -> Task:
   if name == "mano":
     max_ops = int(d.mano_max_ops)
     return Task(name, mano.vocab_size(max_ops), functools.partial(mano.train_example, max_ops=max_ops),
-                functools.partial(mano.eval_example, max_ops=max_ops))
+                functools.partial(mano.eval_example, max_ops=max_ops),
+                tuple(mano.detokenize(range(mano.vocab_size(max_ops)))))
   if name == "multihop":
     world = multihop.World(int(d.task_seed), int(d.multihop_people), int(d.multihop_relations),
                            int(d.multihop_max_hops))
     return Task(name, world.vocab_size,
                 functools.partial(multihop.train_example, world=world,
                                   train_questions=int(d.multihop_train_questions)),
-                functools.partial(multihop.eval_example, world=world))
+                functools.partial(multihop.eval_example, world=world), tuple(world.token_names()))
   if name == "capo":
     world = capo.World(int(d.task_seed), int(d.capo_people), int(d.capo_attributes), int(d.capo_values))
     return Task(name, world.vocab_size, functools.partial(capo.train_example, world=world),
-                functools.partial(capo.eval_example, world=world))
+                functools.partial(capo.eval_example, world=world), tuple(world.token_names()))
   raise ValueError(f"unknown synthetic task {name!r}; built-in tasks are {TASK_NAMES}")

@@ -6,10 +6,11 @@ Documents get the tokenizer's document-start token prepended, so their first rea
 """
 
 import hashlib
-import os
 
 import numpy as np
 import tokenizers
+
+from loopjax import storage
 
 BYTE = "byte"
 DEFAULT_BOS_TOKENS = ("<|endoftext|>", "<s>", "<bos>", "<|begin_of_text|>")
@@ -37,19 +38,20 @@ class ByteTokenizer:
 
 
 class HFTokenizer:
-  """A `tokenizers` JSON file; encodes without its post-processor's special tokens."""
+  """A `tokenizers` JSON file (local or gs://); encodes without its post-processor's special tokens."""
 
   def __init__(self, path: str, bos_token: str | None):
-    if not os.path.isfile(path):
+    file = storage.run_path(path)
+    if not file.is_file():
       raise TokenizerError(f"tokenizer file {path!r} does not exist. Fix: give a tokenizer.json path "
-                           "or 'byte' for the built-in byte tokenizer")
+                           "(local or gs://) or 'byte' for the built-in byte tokenizer")
+    data = file.read_bytes()
     try:
-      self._tok = tokenizers.Tokenizer.from_file(path)
+      self._tok = tokenizers.Tokenizer.from_str(data.decode("utf-8"))
     except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
       raise TokenizerError(f"{path!r} is not a HF tokenizers JSON file ({e}). Fix: give the "
                            "tokenizer.json of a HF tokenizer") from e
-    with open(path, "rb") as f:
-      self._sha256 = hashlib.sha256(f.read()).hexdigest()
+    self._sha256 = hashlib.sha256(data).hexdigest()
     self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
     self.bos_id = self._bos_id(path, bos_token)
 

@@ -31,7 +31,9 @@ import tensorstore as ts
 
 from loopjax import storage
 from loopjax.checkpoint import CheckpointError, read_meta
-from loopjax.checkpoint_files import bits_sum, open_array, pick_step
+from loopjax.checkpoint.files import open_array
+from loopjax.checkpoint.fingerprint import bits_sum
+from loopjax.checkpoint.listing import pick_step
 from loopjax.config import config_from_dict
 from loopjax.hf import card
 from loopjax.hf.config import CONFIG, hf_config_json

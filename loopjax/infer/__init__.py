@@ -7,5 +7,6 @@
   sampling.py   greedy, temperature, top-k, top-p
   generator.py  lists of prompts -> fixed-shape batches -> results (the Python API)
   load.py       the model from a checkpoint or a HF directory, with its tokenizer and EOS ids
-  eval_generate.py  `loopjax eval --generate`: exact match vs average depth over Q-exit thresholds
+
+Scoring generations lives in `loopjax.evaluation.generation` (`loopjax eval --generate`).
 """

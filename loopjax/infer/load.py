@@ -44,11 +44,29 @@ def from_hf(path: str, tokenizer: str = "") -> Source:
 
 
 def run_tokenizer(cfg):
-  """The byte tokenizer when the run's corpora were prepared with it; None otherwise (tasks, HF files)."""
-  from loopjax.data import pipeline, records, tasks, tokenizer
-  names = [n for n in pipeline.source_names(cfg.data) if n not in tasks.TASK_NAMES]
-  kinds = {records.read_manifest(n)["tokenizer"]["kind"] for n in names if os.path.isdir(n)}
-  return tokenizer.ByteTokenizer() if kinds == {tokenizer.BYTE} else None
+  """The tokenizer the run's data speaks, or None when that is not known.
+
+  One synthetic task: its text form (`data/task_text.py`). Corpora: the byte tokenizer when `prepare`
+  used it, else the tokenizer.json `prepare` kept beside them (when its hash matches the manifest),
+  with the manifest's document-start id. A mixture of tasks, or of a task and corpora, has none.
+  """
+  from loopjax.data import pipeline, records, task_text, tasks, tokenizer
+  from loopjax.hf.card import find_tokenizer
+  names = pipeline.source_names(cfg.data)
+  if len(names) == 1 and names[0] in tasks.TASK_NAMES:
+    return task_text.TaskTokenizer(tasks.make_task(names[0], cfg.data))
+  corpora = [n for n in names if n not in tasks.TASK_NAMES]
+  if len(corpora) < len(names) or not all(os.path.isdir(n) for n in corpora):
+    return None
+  identity = records.read_manifest(corpora[0])["tokenizer"]
+  if identity["kind"] == tokenizer.BYTE:
+    return tokenizer.ByteTokenizer()
+  path = find_tokenizer(cfg, None)
+  if path is None:
+    return None
+  tok = tokenizer.HFTokenizer(path, bos_token="")
+  tok.bos_id = identity["bos_id"]  # the id `prepare` put at every document's start, whatever its name
+  return tok
 
 
 def from_checkpoint(path: str, step: int | None = None, tokenizer: str = "") -> Source:

@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from loopjax.exits import exit_distribution
+from loopjax.model import token_order
 from loopjax.model.heads import lm_cross_entropy, lm_logits
 
 
@@ -39,8 +40,9 @@ class LoopedModel(nnx.Module):
   """A looped LM: subclasses set `self.cfg` (the frozen `model` config) and implement `run_loop`."""
 
   def run_loop(self, tokens_BS, read_out, *, segment_ids_BS=None, positions_BS=None,
-               loop_steps: int | None = None):
-    """(read_out(h_BSD, head_kernel_DV) stacked over the T scored states, gate_logits_TBS)."""
+               loop_steps: int | None = None, balanced: int = 1):
+    """(read_out(h_BSD, head_kernel_DV) stacked over the T scored states, gate_logits_TBS). `balanced`: the
+    inputs are in the load-balanced order of that many context shards (`token_order`; 1 = natural)."""
     raise NotImplementedError(f"{type(self).__name__} must implement run_loop")
 
   def __call__(self, tokens_BS, *, segment_ids_BS=None, positions_BS=None,
@@ -56,13 +58,21 @@ class LoopedModel(nnx.Module):
 
     Each step's CE keeps d CE / d logits for the backward pass when `model.loss_remat` says so
     ("auto": when that gradient for all T steps fits in LOSS_SAVE_BYTES), else recomputes the logits.
+    Under context parallelism the loop runs the tokens in the load-balanced order (`token_order`: every
+    device of a context group gets the same attention work); inputs and outputs are in natural order.
     """
     save = _saves_logit_grads(self.cfg, tokens_BS.shape, loop_steps or self.cfg.loop_steps)
+    shards = token_order.context_shards()
+    if positions_BS is None:
+      positions_BS = jnp.broadcast_to(jnp.arange(tokens_BS.shape[1]), tokens_BS.shape)
+    tokens_BS, targets_BS, segment_ids_BS, positions_BS = (
+        token_order.balance(x, shards) for x in (tokens_BS, targets_BS, segment_ids_BS, positions_BS))
 
     def read_out(h_BSD, kernel_DV):
       return lm_cross_entropy(h_BSD, kernel_DV, targets_BS, self.cfg.loss_chunk, save_logit_grads=save)
-    return self.run_loop(tokens_BS, read_out, segment_ids_BS=segment_ids_BS, positions_BS=positions_BS,
-                         loop_steps=loop_steps)
+    ce_TBS, gate_TBS = self.run_loop(tokens_BS, read_out, segment_ids_BS=segment_ids_BS, positions_BS=positions_BS,
+                                     loop_steps=loop_steps, balanced=shards)
+    return token_order.restore(ce_TBS, shards, axis=2), token_order.restore(gate_TBS, shards, axis=2)
 
 
 def _saves_logit_grads(cfg, batch_seq: tuple[int, int], loop_steps: int) -> bool:

@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from loopjax.model.layers import dense, upcast
+from loopjax.model.layers import dense, rows, upcast
 from loopjax.model.stack import ParamSpec, create_params
-from loopjax.sharding import constrain
+from loopjax.sharding import constrain, mesh_axis
 
 
 def token_cross_entropy(logits_BSV: jax.Array, targets_BS: jax.Array) -> jax.Array:
@@ -45,8 +45,7 @@ def _ce_backward(residuals, g_BS):
   h_BSD, kernel_DV, dlogits_BSV = residuals
   d_BSV = dlogits_BSV * g_BS[..., None].astype(dlogits_BSV.dtype)
   dh_BSD = dense(d_BSV, kernel_DV.astype(d_BSV.dtype).T, 1).astype(h_BSD.dtype)
-  rows = h_BSD.shape[0] * h_BSD.shape[1]
-  dkernel_DV = jnp.matmul(h_BSD.reshape(rows, -1).T, d_BSV.reshape(rows, -1),
+  dkernel_DV = jnp.matmul(rows(h_BSD, h_BSD.shape[-1]).T, rows(d_BSV, d_BSV.shape[-1]),
                          preferred_element_type=jnp.promote_types(h_BSD.dtype, jnp.float32))
   return dh_BSD, dkernel_DV.astype(kernel_DV.dtype), None
 
@@ -71,13 +70,18 @@ def lm_cross_entropy(h_BSD: jax.Array, kernel_DV: jax.Array, targets_BS: jax.Arr
     return _ce_saving_logit_grads(h_BSD, kernel_DV, targets_BS)
   ce = jax.checkpoint(lambda h, targets: token_cross_entropy(lm_logits(h, kernel_DV), targets))
   batch, seq, _ = h_BSD.shape
-  if not chunk or chunk >= seq:
+  shards = mesh_axis("seq")[1]  # context parallelism: each device chunks its own positions
+  if not chunk or chunk >= seq // shards:
     return ce(h_BSD, targets_BS)
-  n = seq // chunk
-  h_NBCD = jnp.moveaxis(h_BSD.reshape(batch, n, chunk, -1), 1, 0)
-  targets_NBC = jnp.moveaxis(targets_BS.reshape(batch, n, chunk), 1, 0)
-  _, ce_NBC = jax.lax.scan(lambda carry, xs: (carry, ce(*xs)), None, (h_NBCD, targets_NBC))
-  return jnp.moveaxis(ce_NBC, 0, 1).reshape(batch, seq)
+  if (seq // shards) % chunk:
+    raise ValueError(f"loss chunks of {chunk} do not tile the {seq // shards} positions of each device")
+  n = seq // shards // chunk
+  # Step i takes chunk i of every device's positions, [B, shards x chunk] split like the sequence: scanning
+  # over the sequence's own chunks would walk across devices, and XLA would gather it onto each of them.
+  to_steps = lambda x: jnp.moveaxis(x.reshape(batch, shards, n, chunk, *x.shape[2:]), 2, 0).reshape(
+      n, batch, shards * chunk, *x.shape[2:])
+  _, ce_NBK = jax.lax.scan(lambda carry, xs: (carry, ce(*xs)), None, (to_steps(h_BSD), to_steps(targets_BS)))
+  return jnp.moveaxis(ce_NBK.reshape(n, batch, shards, chunk), 0, 2).reshape(batch, seq)
 
 
 HEAD = ParamSpec(lambda D, V: (D, V), ("embed", "vocab"), "normal", True)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from loopjax.model import attention as attention_lib
-from loopjax.sharding import constrain
+from loopjax.sharding import constrain, mesh_axis
 
 
 def upcast(x: jax.Array) -> jax.Array:
@@ -21,17 +21,39 @@ def upcast(x: jax.Array) -> jax.Array:
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
+def rows(x: jax.Array, width: int) -> jax.Array:
+  """x [B, S, ...] as a 2-D [rows, width] matmul operand. Under context parallelism (the mesh splits S c
+  ways) the rows go context-major, [c, B, S / c]: each device's rows are then one block of them, while
+  B-major rows would interleave the devices' positions, a layout XLA cannot express, so it would gather the
+  whole sequence onto every device of the group and repeat the work there."""
+  shards = mesh_axis("seq")[1]
+  if shards > 1 and x.ndim > 2:
+    B, S = x.shape[:2]
+    x = x.reshape(B, shards, S // shards, -1).swapaxes(0, 1)
+  return x.reshape(-1, width)
+
+
+def unrows(y: jax.Array, lead: tuple[int, ...], trailing: tuple[int, ...]) -> jax.Array:
+  """The inverse of `rows`: y [rows, ...] as [*lead, *trailing], lead = (B, S, ...) of the rows' source."""
+  shards = mesh_axis("seq")[1]
+  if shards > 1 and len(lead) > 1:
+    B, S = lead[:2]
+    y = y.reshape(shards, B, S // shards, -1).swapaxes(0, 1)
+  return y.reshape(*lead, *trailing)
+
+
 def dense(x: jax.Array, w: jax.Array, contract: int, preferred_element_type=None) -> jax.Array:
   """x's last `contract` axes times w's first `contract` axes, as one 2-D matmul [rows, in] @ [in, out].
 
   Same math as the einsum ("bsd,dnh->bsnh", "bsnh,nhd->bsd", ...), but flattened to 2-D: XLA:CPU
   lays the 3-D einsums' gradients out with transposes that cost about as much as the matmuls
-  (an MLP's gradient measured 1.8x faster flattened; BENCHMARKS.md, "Step efficiency").
+  (an MLP's gradient measured 1.8x faster flattened; BENCHMARKS.md, "Step efficiency"). `rows` keeps the
+  flattening local to each device under context parallelism.
   """
   lead, out = x.shape[:x.ndim - contract], w.shape[contract:]
   inner = math.prod(w.shape[:contract])
-  y = jnp.matmul(x.reshape(-1, inner), w.reshape(inner, -1), preferred_element_type=preferred_element_type)
-  return y.reshape(*lead, *out)
+  y = jnp.matmul(rows(x, inner), w.reshape(inner, -1), preferred_element_type=preferred_element_type)
+  return unrows(y, lead, out)
 
 
 @jax.named_scope("norm")
@@ -85,9 +107,10 @@ def attention(p: dict, x_BSD: jax.Array, cos_BSH, sin_BSH, mask: attention_lib.M
     return y if b is None else y + b.astype(dtype)
 
   q_BSNH = constrain(proj(p["wq"], p.get("bq")), ("batch", "seq", "act_heads", None))
-  # Keys and values are whole sequences ("kv_seq"): with context parallelism, an all-gather per layer.
-  k_BSKH = constrain(proj(p["wk"], p.get("bk")), ("batch", "kv_seq", "act_heads", None))
-  v_BSKH = constrain(proj(p["wv"], p.get("bv")), ("batch", "kv_seq", "act_heads", None))
+  # Keys and values leave here split along the sequence like the queries (RoPE too runs on each device's
+  # own positions); the core gathers them over the context axis, once per layer.
+  k_BSKH = constrain(proj(p["wk"], p.get("bk")), ("batch", "seq", "act_heads", None))
+  v_BSKH = constrain(proj(p["wv"], p.get("bv")), ("batch", "seq", "act_heads", None))
   if cos_BSH is not None:
     q_BSNH = apply_rope(q_BSNH, cos_BSH, sin_BSH)
     k_BSKH = apply_rope(k_BSKH, cos_BSH, sin_BSH)

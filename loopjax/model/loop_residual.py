@@ -75,7 +75,7 @@ class LoopResidualGPT2(LoopedModel):
     return self.wte[...].T if self.lm_head is None else self.lm_head[...]
 
   def run_loop(self, tokens_BS, read_out, *, segment_ids_BS=None, positions_BS=None,
-               loop_steps: int | None = None):
+               loop_steps: int | None = None, balanced: int = 1):
     """Only the final state is read out: (read_out(...) with a leading axis of 1, zero gate logits).
 
     With one "step", the exit distribution puts all mass on it and the Stage I objective is plain CE.
@@ -84,7 +84,7 @@ class LoopResidualGPT2(LoopedModel):
     cdt = jnp.dtype(cfg.compute_dtype)
     if positions_BS is None:
       positions_BS = jnp.broadcast_to(jnp.arange(tokens_BS.shape[1]), tokens_BS.shape)
-    mask = attention.model_mask(cfg, segment_ids_BS)
+    mask = attention.model_mask(cfg, segment_ids_BS, balanced)
     x_BSD = jnp.take(self.wte[...], tokens_BS, axis=0) + jnp.take(self.wpe[...], positions_BS, axis=0)
     x_BSD = constrain(x_BSD.astype(cdt), ("batch", "seq", "act_embed"))
 

@@ -100,20 +100,21 @@ class LoopLM(LoopedModel):
     return LoopParts(self.stack.stacked(), self.final_norm[...], self.exit_gate.kernel[...],
                      self.exit_gate.bias[...])
 
-  def loop_context(self, tokens_BS, segment_ids_BS=None, positions_BS=None) -> LoopContext:
-    """RoPE tables for `positions_BS` (default 0..S-1 per row) and the document mask."""
+  def loop_context(self, tokens_BS, segment_ids_BS=None, positions_BS=None, balanced: int = 1) -> LoopContext:
+    """RoPE tables for `positions_BS` (default 0..S-1 per row) and the document mask (tokens in the order
+    `balanced` says)."""
     cfg = self.cfg
     dtype = jnp.dtype(cfg.compute_dtype)
     if positions_BS is None:
       positions_BS = jnp.broadcast_to(jnp.arange(tokens_BS.shape[1]), tokens_BS.shape)
     cos_BSH, sin_BSH = layers.rope_tables(positions_BS, cfg.head_dim, cfg.rope_base, dtype)
-    return LoopContext(cos_BSH, sin_BSH, attention.model_mask(cfg, segment_ids_BS), cfg.norm_eps, cfg.remat,
+    return LoopContext(cos_BSH, sin_BSH, attention.model_mask(cfg, segment_ids_BS, balanced), cfg.norm_eps, cfg.remat,
                        dtype, cfg.layer_unroll)
 
   def run_loop(self, tokens_BS, read_out, *, segment_ids_BS=None, positions_BS=None,
-               loop_steps: int | None = None):
+               loop_steps: int | None = None, balanced: int = 1):
     """Runs the T loop steps: (read_out(h_BSD, head_kernel_DV) stacked over steps, gate_logits_TBS)."""
-    context = self.loop_context(tokens_BS, segment_ids_BS, positions_BS)
+    context = self.loop_context(tokens_BS, segment_ids_BS, positions_BS, balanced)
     h_BSD = constrain(jnp.take(self.embed[...], tokens_BS, axis=0).astype(context.dtype),
                       ("batch", "seq", "act_embed"))
     parts, kernel_DV = self.loop_parts(), self.head_kernel()

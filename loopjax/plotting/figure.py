@@ -1,4 +1,4 @@
-"""One figure of one or more runs: losses, per-step CE, the exit distribution and accuracy.
+"""One figure of one or more runs: losses, per-step CE, the exit distribution, accuracy and benchmarks.
 
 Loop step t has the same colour in every panel (a sequential map: darker is shallower); run i has
 the same line style in every panel, and its own colour in the panels that draw one line per run, so
@@ -134,10 +134,28 @@ def _depth_panel(ax, runs: list[Run]):
   ax.legend(fontsize=7)
 
 
+def _harness_panel(ax, runs: list[Run]):
+  """lm-eval accuracy against loop steps: a line over T per logged step (earlier steps fainter), and the
+  Q-exit thresholds as crosses at the mean loop steps they ran; one marker per task and metric."""
+  markers = "osd^v<>"
+  names = sorted({name for r in runs for row in r.harness for name in r.harness_curves(row)})
+  for i, run in enumerate(runs):
+    for j, row in enumerate(run.harness):
+      alpha = 0.25 + 0.75 * (j + 1) / len(run.harness)
+      newest = j == len(run.harness) - 1
+      for name, (Ts, at_T, steps, at_q) in run.harness_curves(row).items():
+        ax.plot(Ts, at_T, marker=markers[names.index(name) % len(markers)], alpha=alpha, **_run_style(i),
+                label=f"{run.label}: {name} (step {row['step']})" if newest else None)
+        ax.plot(steps, at_q, "x", color=_run_style(i)["color"], alpha=alpha)
+  _label(ax, "Benchmarks (lm-eval) vs loop steps; x: Q-exit", "loop steps T (Q-exit: mean steps run)",
+         "accuracy (fraction)")
+  ax.legend(fontsize=7)
+
+
 def panel_count(runs: list[Run]) -> int:
   gated = [r for r in runs if _has_exit_gate(r)]
   return (2 + bool(gated) + len(gated) + any(_eval_key(r, "loss") for r in runs) + any(_eval_key(r) for r in runs)
-          + any(r.gen for r in runs))
+          + any(r.gen for r in runs) + any(r.harness for r in runs))
 
 
 def draw(runs: list[Run], ncols: int = 2):
@@ -162,6 +180,8 @@ def draw(runs: list[Run], ncols: int = 2):
     _accuracy_panel(next(axes), runs, max_t)
   if any(r.gen for r in runs):
     _depth_panel(next(axes), runs)
+  if any(r.harness for r in runs):
+    _harness_panel(next(axes), runs)
   for ax in axes:
     fig.delaxes(ax)
   handles = [Line2D([], [], label=r.label, **_run_style(i)) for i, r in enumerate(runs)]

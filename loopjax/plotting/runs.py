@@ -1,14 +1,19 @@
 """A workdir's logs as series to plot: metrics.jsonl rows split by kind, phases.jsonl boundaries.
 
-metrics.jsonl holds three kinds of rows, told apart by their keys: training rows (`loss`,
+metrics.jsonl holds four kinds of rows, told apart by their keys: training rows (`loss`,
 `ce_per_step`, `exit_probs`, ...), held-out evaluation rows (`eval_T{T}/<name>`, from training's eval
-hook or `loopjax eval --output`) and decoding rows (`gen_T{T}/<name>`, from `loopjax eval --generate`).
+hook or `loopjax eval --output`), decoding rows (`gen_T{T}/<name>`, from `loopjax eval --generate`) and
+benchmark rows (`harness/<task>/<metric>/T<t>` and `/q<q>`, from training's harness hook or `loopjax eval
+--harness`).
 A resumed run may have logged a step twice; the later line wins, as in TensorBoard.
 """
 
 import dataclasses
 import json
 import os
+
+
+HARNESS_ACCURACY = ("acc", "acc_norm", "exact_match")  # benchmark metrics drawn against loop steps
 
 
 class PlotError(ValueError):
@@ -21,6 +26,7 @@ class Run:
   train: list[dict]  # training rows, by step
   evals: list[dict]  # rows with eval_T*/ keys, by step
   gen: dict | None  # the newest row with gen_T*/ keys
+  harness: list[dict]  # rows with harness/ keys, by step
   phase_starts: list[tuple[int, str]]  # (step, phase name) of every phase after the first
 
   def series(self, key: str) -> tuple[list[int], list]:
@@ -41,6 +47,24 @@ class Run:
   def eval_loop_counts(self) -> list[int]:
     """Every T evaluated during the run, ascending."""
     return sorted({int(k.split("/")[0][len("eval_T"):]) for r in self.evals for k in r if k.startswith("eval_T")})
+
+  def harness_curves(self, row: dict) -> dict[str, tuple[list[float], list[float], list[float], list[float]]]:
+    """{"<task> <metric>": (T's, values at full depth, mean steps run under Q-exit, values)} of one
+    benchmark row, for the accuracy-like metrics (HARNESS_ACCURACY) it holds."""
+    curves = {}
+    for key, value in row.items():
+      parts = key.split("/")
+      if len(parts) != 4 or parts[0] != "harness" or parts[2] not in HARNESS_ACCURACY:
+        continue
+      _, task, metric, depth = parts
+      Ts, at_T, steps, at_q = curves.setdefault(f"{task} {metric}", ([], [], [], []))
+      if depth.startswith("T"):
+        Ts.append(int(depth[1:]))
+        at_T.append(value)
+      elif f"harness/{task}/mean_exit_step/{depth}" in row:
+        steps.append(row[f"harness/{task}/mean_exit_step/{depth}"])
+        at_q.append(value)
+    return curves
 
   def gen_loop_counts(self) -> list[int]:
     if not self.gen:
@@ -82,8 +106,9 @@ def load(workdir: str, label: str) -> Run:
                     "least one step (train.log_every)")
   evals = _by_step([r for r in rows if any(k.startswith("eval_T") for k in r)])
   gens = [r for r in rows if any(k.startswith("gen_T") for k in r)]
+  harness = _by_step([r for r in rows if any(k.startswith("harness/") for k in r)])
   phases = _read_jsonl(os.path.join(workdir, "phases.jsonl"))
-  return Run(label, train, evals, gens[-1] if gens else None, _phase_starts(phases))
+  return Run(label, train, evals, gens[-1] if gens else None, harness, _phase_starts(phases))
 
 
 def load_all(workdirs: list[str]) -> list[Run]:

@@ -1,4 +1,5 @@
-"""What the driver does around the steps, as hooks: metrics, progress, evaluation, checkpoints, profiling.
+"""What the driver does around the steps, as hooks: metrics, progress, evaluation, checkpoints (profiles:
+`profiling.py`, the hang watchdog: `watchdog.py`).
 
 The driver runs the jitted step and, after each, calls every hook whose `due(info)` is true (each has
 an `every` period; the last step of a segment and a preempted step are always due). A hook gets a
@@ -9,16 +10,18 @@ next step has been dispatched, so the host never stalls the device at a log step
 A new hook subclasses `Hook` and is added to the list `driver.default_hooks` builds.
 """
 
+import collections
 import dataclasses
 import logging
-import os
 import time
 
 import jax
 import numpy as np
 
+from loopjax import lease as lease_lib
 from loopjax import metrics as metrics_lib
-from loopjax.evaluation import Evaluator
+from loopjax.evaluation.teacher_forced import Evaluator
+from loopjax.train import spikes
 from loopjax.train.writer import MetricWriter
 
 log = logging.getLogger("loopjax")
@@ -26,6 +29,7 @@ log = logging.getLogger("loopjax")
 
 class NonFiniteLossError(RuntimeError):
   """train.nan_policy == "stop" and a step had a NaN/Inf loss or gradient norm."""
+  exit_code = 3  # a fault during the run (loopjax/cli/errors.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +62,9 @@ def check_tally(cfg, tally, step: int) -> int:
 
 class Hook:
   every = 1
+  # What the hook does when it may take long ("eval", "checkpoint"): the watchdog allows it more time
+  # (loopjax/train/watchdog.py) and the metrics rows show its seconds per step as time_<activity>.
+  activity = None
 
   def due(self, info: StepInfo) -> bool:
     return info.step % self.every == 0 or info.last
@@ -81,8 +88,9 @@ class MetricsHook(Hook):
   through `exclude` (evaluation).
   """
 
-  def __init__(self, writer: MetricWriter, peak_flops: float):
+  def __init__(self, writer: MetricWriter, peak_flops: float, times: collections.Counter | None = None):
     self.writer, self.peak_flops = writer, peak_flops
+    self.times = collections.Counter() if times is None else times  # seconds by activity (the driver adds "data")
     self.last: dict = {}  # the newest logged metrics (Python values)
     self._pending = None
     self._mark, self._tokens, self._steps, self._excluded = 0.0, 0, 0, 0.0
@@ -122,11 +130,23 @@ class MetricsHook(Hook):
     if self._first_row:  # the segment's resolved attention core (model.attention may say "auto")
       last["attention"], self._first_row = self._trainer.cfg.model.attention, False
     last["nonfinite_steps"] = check_tally(info.trainer.cfg, info.tally, info.step)
+    spikes.check(info.trainer.cfg, last, info.step)
+    last.update(time_breakdown(self.times, elapsed, steps))
     self.writer.write(info.step, last)
     self.last = dict(last, step=info.step)
 
   def close(self):
     self._flush()
+
+
+def time_breakdown(times: collections.Counter, elapsed: float, steps: int) -> dict:
+  """Where a logged window's wall time went, in seconds per step (the goodput view): waiting for data,
+  saving checkpoints, evaluating (outside step_time), and the rest of step_time, the step itself. Takes the
+  window's times out of `times`."""
+  spent = {what: times.pop(what, 0.0) / steps for what in ("data", "checkpoint", "eval")}
+  row = {f"time_{what}": seconds for what, seconds in spent.items()}
+  row["time_step"] = max(elapsed / steps - spent["data"] - spent["checkpoint"], 0.0)
+  return row
 
 
 class ProgressHook(Hook):
@@ -150,6 +170,8 @@ class ProgressHook(Hook):
 
 class EvalHook(Hook):
   """Held-out evaluation every `eval.every_steps` steps and at segment ends, at every `eval.loop_steps`."""
+  seconds_key = "eval_seconds"
+  activity = "eval"
 
   def __init__(self, writer: MetricWriter, metrics: MetricsHook):
     self.writer, self.metrics, self.evaluator = writer, metrics, None
@@ -165,12 +187,46 @@ class EvalHook(Hook):
     began = time.perf_counter()
     results = self.evaluator(info.state.params)
     seconds = time.perf_counter() - began
-    self.writer.write(info.step, dict(results, eval_seconds=seconds))
+    self.writer.write(info.step, {**results, self.seconds_key: seconds})
     self.metrics.exclude(seconds)  # keep evaluation out of tokens/s
+
+
+class HarnessHook(EvalHook):
+  """lm-evaluation-harness tasks every `eval.harness_every_steps` steps and at segment ends, at every
+  `eval.loop_steps` and at Q-exit `eval.q_exit`, on the live parameters (`evaluation/harness/sweep.py`).
+  Made before anything compiles, so an unknown task, missing data or tokenizer stops the run at start-up."""
+  seconds_key = "harness_seconds"
+
+  def __init__(self, cfg, writer: MetricWriter, metrics: MetricsHook):
+    from loopjax.evaluation.harness import sweep
+    super().__init__(writer, metrics)
+    self.tasks = sweep.training_tasks(cfg)
+
+  def start_segment(self, trainer, start, end, compile_seconds):
+    from loopjax.evaluation.harness import sweep
+    self.every = trainer.cfg.eval.harness_every_steps
+    self.evaluator = sweep.training_sweep(trainer.cfg, trainer.mesh, self.tasks)
+
+
+class LeaseHook(Hook):
+  """Stops the run once another run took over the workdir's lease (loopjax/lease.py), before the
+  checkpoint hook saves. One process: at the next step. Several: at a step all of them stop at (a
+  segment end, or the preemption stop process 0 asks for on losing the lease)."""
+
+  def __init__(self, lease):
+    self.lease = lease
+
+  def due(self, info):
+    return jax.process_count() == 1 or info.last
+
+  def __call__(self, info):
+    lease_lib.check(self.lease, info.step)
 
 
 class CheckpointHook(Hook):
   """Saves at segment ends, on preemption, and when the checkpointer's every-N-steps/minutes policy says."""
+
+  activity = "checkpoint"
 
   def __init__(self, ckpt, save):
     self.ckpt, self.save = ckpt, save  # save(info): starts writing the checkpoint of info.state
@@ -180,32 +236,8 @@ class CheckpointHook(Hook):
 
   def __call__(self, info):
     check_tally(info.trainer.cfg, info.tally, info.step)  # a "stop" run never saves past a bad step
+    spikes.check(info.trainer.cfg, info.metrics, info.step)  # nor one past too many spikes in a row
     self.save(info)
     if info.preempted:
       log.warning("preempted: saved step %d; waiting for the write to finish", info.step)
       self.ckpt.wait()
-
-
-class ProfileHook(Hook):
-  """A jax.profiler trace of steps [start, start + count) into WORKDIR/profile (TensorBoard / Perfetto)."""
-
-  def __init__(self, workdir: str, start: int, count: int):
-    self.directory, self.start, self.stop = os.path.join(workdir, "profile"), start, start + count
-    self.tracing = False
-
-  def due(self, info):
-    return info.step in (self.start, self.stop) or (self.tracing and info.last)
-
-  def __call__(self, info):
-    if not self.tracing and info.step == self.start and not info.last:
-      jax.profiler.start_trace(self.directory)
-      self.tracing = True
-    elif self.tracing:
-      jax.block_until_ready(info.state)
-      self.close()
-
-  def close(self):
-    if self.tracing:
-      jax.profiler.stop_trace()
-      self.tracing = False
-      log.info("profile of steps %d-%d written to %s", self.start + 1, self.stop, self.directory)

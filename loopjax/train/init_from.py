@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from loopjax.checkpoint import leaf_shapes, read_meta, restore_params
-from loopjax.checkpoint_files import pick_step
+from loopjax.checkpoint.listing import pick_step
 from loopjax.storage import checkpoints_dir
 from loopjax.config import ConfigError
 from loopjax.hf.importer import check_hf_dir, sharded_hf_params

@@ -10,11 +10,16 @@ Schedules (all from optax, in optimizer steps):
 Warmup and decay follow the run's length: when warmup_steps + decay_steps do not fit in the run
 (`--config.train.steps=40` on a config written for 300), both shrink in proportion, and
 `schedule_steps` says so in a note the driver prints. Shortening a run then just works.
+Changing the length (or the schedule) of a run that has checkpoints is another matter: a resume whose
+LR would change is refused unless `optim.on_schedule_change` says how (loopjax/train/resume_schedule.py).
 """
 
+import jax
+import jax.numpy as jnp
 import optax
 
 from loopjax.model import weight_decay_mask
+from loopjax.train import spikes
 
 
 def schedule_steps(optim_cfg, total_steps: int) -> tuple[int, int, str]:
@@ -69,4 +74,19 @@ def run_optimizer(cfg, schedule: optax.Schedule | None = None) -> optax.Gradient
   `schedule`: a staged recipe's (see loopjax.phases); default: the one `cfg.optim` describes.
   """
   schedule = schedule or learning_rate_schedule(cfg.optim, cfg.train.steps)
-  return make_optimizer(cfg.optim, schedule, weight_decay_mask(cfg.model))
+  optimizer = make_optimizer(cfg.optim, schedule, weight_decay_mask(cfg.model))
+  return spikes.guard(optimizer, cfg.train) if cfg.train.skip_spikes else optimizer
+
+
+def fresh_state_at(optimizer: optax.GradientTransformation, params, step) -> optax.OptState:
+  """`optimizer.init(params)` for a run at `step` (a phase that resets the optimizer, an upscale).
+
+  The moments start afresh, and with them Adam's bias-correction count. The LR schedule's own count must
+  not: optax reads the schedule at that count, so a plain `init` would send the LR back to its step 0
+  (the warmup's start) in the middle of a run.
+  """
+  def at_step(s):
+    if isinstance(s, optax.ScaleByScheduleState):
+      return s._replace(count=jnp.asarray(step, s.count.dtype))
+    return s
+  return jax.tree.map(at_step, optimizer.init(params), is_leaf=lambda s: isinstance(s, optax.ScaleByScheduleState))

@@ -1,4 +1,8 @@
-"""SIGTERM / SIGINT during training: finish the step in flight, save, exit 0 (at the same step everywhere)."""
+"""SIGTERM / SIGINT during training: finish the step in flight, save, stop (at the same step everywhere).
+
+The run then ends with exit code 75 (EX_TEMPFAIL, loopjax/cli/errors.py), not 0: a scheduler must read
+"preempted, run again" differently from "finished".
+"""
 
 import logging
 import os

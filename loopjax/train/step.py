@@ -13,7 +13,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from loopjax import exits, sharding
-from loopjax.train import microbatch
+from loopjax.train import microbatch, spikes
 from loopjax.train.state import TrainState, model_graph, param_specs
 
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
@@ -45,6 +45,7 @@ def make_train_step(cfg, optimizer: optax.GradientTransformation, schedule: opta
   NaN guard: when the loss or the gradient norm is NaN/Inf the update is dropped (params and
   opt_state stay as they were, `step` still advances past the batch) and `metrics["nonfinite"]` is 1.
   One bad batch then cannot poison the weights, whatever `train.nan_policy` tells the loop to do.
+  With `train.skip_spikes` the optimizer itself drops a spike's update (`loopjax.train.spikes`).
   `schedule` is the optimizer's LR schedule (logged as `lr`). With `train.per_device_batch` the
   gradient is accumulated over microbatches (`loopjax.train.microbatch`); the update is the same.
   """
@@ -60,15 +61,16 @@ def make_train_step(cfg, optimizer: optax.GradientTransformation, schedule: opta
     (loss, metrics), grads = microbatch.value_and_grad(loss_fn, state.params, batch, n, specs)
     grad_norm = optax.tree.norm(grads)
     with jax.named_scope("optimizer"):
-      updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+      updates, opt_state = optimizer.update(grads, state.opt_state, state.params, value=loss)  # value: spikes.guard
       params = optax.apply_updates(state.params, updates)
+    spike_metrics = spikes.step_metrics(opt_state)  # before the NaN guard, which would restore the last step's
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep_if_bad = lambda new, old: jnp.where(finite, new, old)
     params = jax.tree.map(keep_if_bad, params, state.params)
     opt_state = jax.tree.map(keep_if_bad, opt_state, state.opt_state)
     metrics = dict(metrics, loss=loss, grad_norm=grad_norm, lr=schedule(state.step),
                    tokens=jnp.sum(batch["loss_mask"]), nonfinite=1.0 - finite.astype(jnp.float32),
-                   microbatches=n)
+                   microbatches=n, **spike_metrics)
     return TrainState(state.step + 1, params, opt_state), metrics
 
   return train_step

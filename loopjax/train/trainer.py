@@ -87,22 +87,24 @@ def _context_spans_processes(mesh: Mesh) -> bool:
   return any(len({d.process_index for d in group}) > 1 for group in groups)
 
 
-def resolve_attention(cfg, platform: str):
+def resolve_attention(cfg, platform: str, context: int | None = None):
   """`cfg` with `model.attention` made concrete for `platform` (the mesh's devices, which for an ahead-of-time
-  TPU compile are not this host's); ConfigError if that implementation cannot run there. Training batches
-  always carry segment ids, so cudnn falls back to blocked (logged)."""
+  TPU compile are not this host's) and a sequence split over `context` devices (default: `mesh.context`,
+  1 where the mesh fills it in); ConfigError if that implementation cannot run there. Training batches
+  always carry segment ids (on GPU: pallas_gpu)."""
   m = cfg.model
-  impl, note = attention.resolve(m.attention, platform, m.compute_dtype, documents=True)
-  shape_problem = attention.backend_problem(impl, platform, cfg.train.seq_len, m.attention_block_q,
-                                            m.attention_block_kv)
-  if m.attention == "auto" and shape_problem:  # auto never fails: blocked runs on every backend and shape
-    impl, note = "blocked", f"model.attention: auto would take {impl}, but {shape_problem[0]}; using blocked"
+  context = context or max(cfg.mesh.context, 1)
+  impl, note = attention.resolve(m.attention, platform, m.compute_dtype, documents=True, context=context)
+  problem = lambda asked: attention.backend_problem(asked, platform, cfg.train.seq_len, m.attention_block_q,
+                                                    m.attention_block_kv, context)
+  if m.attention == "auto" and (shape_problem := problem(impl)):  # auto never fails: blocked runs everywhere
+    impl, note = "blocked", f"model.attention: auto would take {impl}, but {shape_problem[1]}; using blocked"
   problems = [p for asked in dict.fromkeys(x for x in (m.attention, impl) if x != "auto")  # asked, and what runs
-              if (p := attention.backend_problem(asked, platform, cfg.train.seq_len, m.attention_block_q,
-                                                 m.attention_block_kv))]
+              if (p := problem(asked))]
   if problems:
-    raise config_lib.ConfigError(f"config.model.attention: {m.attention!r} on {platform}: {problems[0][0]}. "
-                                 f"Fix: {problems[0][1]}.")
+    field, what, fix = problems[0]
+    head = f"config.{field}: " + (f"{m.attention!r} on {platform}: " if field == "model.attention" else "")
+    raise config_lib.ConfigError(f"{head}{what}. Fix: {fix}.")
   if note:
     log.warning("%s", note)
   resolved = cfg.copy_and_resolve_references()
@@ -125,8 +127,8 @@ def build_trainer(cfg, mesh: Mesh, schedule: optax.Schedule | None = None, objec
   `wrap_step(step_fn, cfg)` may wrap the pure step before it is jitted (e.g. to report more metrics).
   """
   requested, platform = cfg.model.attention, mesh.devices.flat[0].platform
-  cfg = resolve_attention(cfg, platform)
-  log.info("attention: %s (model.attention=%s on %s, seq %d)", cfg.model.attention, requested, platform,
+  cfg = resolve_attention(cfg, platform, mesh.shape["context"])
+  log.debug("attention: %s (model.attention=%s on %s, seq %d)", cfg.model.attention, requested, platform,
            cfg.train.seq_len)
   schedule = schedule or learning_rate_schedule(cfg.optim, cfg.train.steps)
   optimizer = run_optimizer(cfg, schedule)

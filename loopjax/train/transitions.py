@@ -12,6 +12,7 @@ from jax.sharding import NamedSharding
 from loopjax import upscale
 from loopjax.model import model_kind
 from loopjax.train import gate_step as gate_lib
+from loopjax.train import optim
 from loopjax.train import state as state_lib
 
 
@@ -46,7 +47,7 @@ def enter_phase(ph, previous, state, trainer):
     state = upscale.upscale_state(state, index, stack_key=model_kind(trainer.cfg.model.kind).stack_key,
                                   moments=spec.upscale.moments, optimizer=optimizer, shardings=lm_shardings)
   if spec.optimizer_on_entry == "reset" and spec.objective == "lm":
-    state = jax.jit(lambda s: state_lib.TrainState(s.step, s.params, optimizer.init(s.params)),
+    state = jax.jit(lambda s: state_lib.TrainState(s.step, s.params, optim.fresh_state_at(optimizer, s.params, s.step)),
                     out_shardings=lm_shardings)(state)
   if spec.objective == "gate":
     state = jax.jit(lambda s: gate_lib.enter_gate_phase(s, trainer.gate_optimizer),

@@ -14,9 +14,14 @@
 // its own position, so no row is empty. A query block visits keys from the first position of the
 // earliest document its rows belong to (not from 0) up to its diagonal.
 //
-// Layouts: q [B, S, N, H], k and v [B, S, K, H] float32, segment ids [B, S] int32 (N a multiple of K:
-// grouped-query heads share kv head n / (N / K)); out [B, S, N, H], lse [B, N, S]. Forward work items
-// are (b, n); backward items are (b, kv head) so that dk and dv of the G query heads sum without races.
+// The queries may be a part of the sequence the keys cover (context parallelism: one device's query
+// chunk against the gathered keys): P equal pieces, contiguous in the sequence, piece p starting at
+// position starts[p]. Positions (masking, reach, diagonals) are the keys' indices; rows index q.
+//
+// Layouts: q [B, Sq, N, H], k and v [B, S, K, H] float32, segment ids [B, S] int32 (of the keys'
+// positions), starts [P] int32 (N a multiple of K: grouped-query heads share kv head n / (N / K));
+// out [B, Sq, N, H], lse [B, N, Sq]. Forward work items are (b, n); backward items are (b, kv head) so
+// that dk and dv of the G query heads sum without races.
 // Items run on XLA's intra-op pool and the calling thread. Each item sums in a fixed order, so the
 // results do not depend on the thread count or schedule (bitwise-repeatable runs).
 
@@ -125,9 +130,12 @@ void parallel_for(ffi::ThreadPool& pool, int64_t total, std::function<void(int64
 }
 
 struct Dims {
-  int64_t B, S, N, K, H;
+  int64_t B, Sq, S, N, K, H;  // Sq query rows, S key positions
+  int64_t P;                  // query pieces, each Sq / P rows
+  const int32_t* starts;      // [P]: the position of each piece's first row
   int Hp() const { return round_up(int(H), TILE); }
   int Sp() const { return round_up(int(S), TILE); }
+  int64_t piece() const { return Sq / P; }
 };
 
 // One row's keys and values, padded to tiles, in the layouts a pass needs: transposed ([Hp, Sp],
@@ -234,37 +242,47 @@ void mask_and_exp(const KeyValues& kv, int i0, int rows, int rows_p, int start, 
   }
 }
 
-// Query rows [i0, i0 + rows) of head n, scaled by 1/sqrt(H), into a [QB, Hp] block (zero padded).
-void load_rows(const Dims& d, const float* x, int64_t b, int64_t n, int i0, int rows, float factor, float* block) {
+// Query rows [row0, row0 + rows) of head n, scaled by 1/sqrt(H), into a [QB, Hp] block (zero padded).
+void load_rows(const Dims& d, const float* x, int64_t b, int64_t n, int64_t row0, int rows, float factor,
+               float* block) {
   const int Hp = d.Hp();
   std::fill(block, block + QB * Hp, 0.f);
   for (int r = 0; r < rows; ++r) {
-    const float* src = x + ((b * d.S + i0 + r) * d.N + n) * d.H;
+    const float* src = x + ((b * d.Sq + row0 + r) * d.N + n) * d.H;
     for (int h = 0; h < d.H; ++h) block[r * Hp + h] = src[h] * factor;
   }
 }
 
+// Calls f(row0, i0, rows) for each query block of every piece: row0 its first row in q, i0 that row's
+// position, rows <= QB.
+template <typename F>
+void query_blocks(const Dims& d, F f) {
+  for (int64_t p = 0; p < d.P; ++p)
+    for (int64_t i = 0; i < d.piece(); i += QB)
+      f(p * d.piece() + i, int(d.starts[p] + i), int(std::min<int64_t>(QB, d.piece() - i)));
+}
+
 void forward_item(const Dims& d, const float* q, const float* k, const float* v, const int32_t* seg, float* out,
                   float* lse, int64_t b, int64_t n) {
-  const int S = d.S, H = d.H, Hp = d.Hp(), Sp = d.Sp();
+  const int H = d.H, Hp = d.Hp(), Sp = d.Sp();
   const KeyValues kv(d, k, v, seg, b, n / (d.N / d.K), K_HS | V_SH);
   const float scale = 1.0f / std::sqrt(float(H));
   std::vector<float> qs(size_t(QB) * Hp), s(size_t(QB) * Sp), o(size_t(QB) * Hp);
   float m[QB], l[QB];
-  for (int i0 = 0; i0 < S; i0 += QB) {
-    const int rows = std::min(QB, S - i0), rows_p = round_up(rows, R);
+  query_blocks(d, [&](int64_t row0, int i0, int rows) {
+    const int rows_p = round_up(rows, R);
     const auto [start, end] = kv.reach(i0, rows);
-    load_rows(d, q, b, n, i0, rows, scale, qs.data());
+    load_rows(d, q, b, n, row0, rows, scale, qs.data());
     scores(qs.data(), Hp, kv.k_HS.data(), Sp, H, i0, rows_p, start, end, s.data(), Sp);
     mask_and_exp(kv, i0, rows, rows_p, start, end, s.data(), Sp, m, true, l);
     times_keys(s.data(), Sp, kv.v_SH.data(), Hp, i0, rows_p, start, end, o.data());
     for (int r = 0; r < rows; ++r) {
-      float* dst = out + ((b * S + i0 + r) * d.N + n) * H;
+      float* dst = out + ((b * d.Sq + row0 + r) * d.N + n) * H;
       const float inv = 1.0f / l[r];
       for (int h = 0; h < H; ++h) dst[h] = o[size_t(r) * Hp + h] * inv;
-      lse[(b * d.N + n) * S + i0 + r] = m[r] + std::log(l[r]);
+      lse[(b * d.N + n) * d.Sq + row0 + r] = m[r] + std::log(l[r]);
     }
-  }
+  });
 }
 
 void backward_item(const Dims& d, const float* q, const float* k, const float* v, const int32_t* seg,
@@ -279,13 +297,13 @@ void backward_item(const Dims& d, const float* q, const float* k, const float* v
   std::vector<float> dk_SH(size_t(Sp) * Hp, 0.f), dv_SH(size_t(Sp) * Hp, 0.f);
   float row_lse[QB], sums[QB];
   for (int64_t n = kh * G; n < (kh + 1) * G; ++n) {
-    for (int i0 = 0; i0 < S; i0 += QB) {
-      const int rows = std::min(QB, S - i0), rows_p = round_up(rows, R);
+    query_blocks(d, [&](int64_t row0, int i0, int rows) {
+      const int rows_p = round_up(rows, R);
       const auto [start, end] = kv.reach(i0, rows);
-      load_rows(d, q, b, n, i0, rows, scale, qs.data());
-      load_rows(d, out, b, n, i0, rows, 1.0f, os.data());
-      load_rows(d, dout, b, n, i0, rows, 1.0f, dos.data());
-      for (int r = 0; r < rows; ++r) row_lse[r] = lse[(b * d.N + n) * S + i0 + r];
+      load_rows(d, q, b, n, row0, rows, scale, qs.data());
+      load_rows(d, out, b, n, row0, rows, 1.0f, os.data());
+      load_rows(d, dout, b, n, row0, rows, 1.0f, dos.data());
+      for (int r = 0; r < rows; ++r) row_lse[r] = lse[(b * d.N + n) * d.Sq + row0 + r];
       scores(qs.data(), Hp, kv.k_HS.data(), Sp, H, i0, rows_p, start, end, p.data(), Sp);
       mask_and_exp(kv, i0, rows, rows_p, start, end, p.data(), Sp, row_lse, false, sums);
       scores(dos.data(), Hp, kv.v_HS.data(), Sp, H, i0, rows_p, start, end, ds.data(), Sp);  // dp = dout v^T
@@ -301,10 +319,10 @@ void backward_item(const Dims& d, const float* q, const float* k, const float* v
       keys_times(p.data(), Sp, dos.data(), Hp, i0, rows_p, start, end, dv_SH.data());
       keys_times(ds.data(), Sp, qs.data(), Hp, i0, rows_p, start, end, dk_SH.data());
       for (int r = 0; r < rows; ++r) {
-        float* dst = dq + ((b * S + i0 + r) * d.N + n) * H;
+        float* dst = dq + ((b * d.Sq + row0 + r) * d.N + n) * H;
         for (int h = 0; h < H; ++h) dst[h] = dqs[size_t(r) * Hp + h] * scale;
       }
-    }
+    });
   }
   for (int s = 0; s < S; ++s) {
     std::memcpy(dk + ((b * S + s) * d.K + kh) * H, &dk_SH[size_t(s) * Hp], H * sizeof(float));
@@ -312,19 +330,24 @@ void backward_item(const Dims& d, const float* q, const float* k, const float* v
   }
 }
 
-ffi::Error check_dims(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, Dims* d) {
-  auto qd = q.dimensions(), kd = k.dimensions();
+ffi::Error check_dims(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, ffi::Buffer<ffi::S32>& starts, Dims* d) {
+  auto qd = q.dimensions(), kd = k.dimensions(), sd = starts.dimensions();
   if (qd.size() != 4 || kd.size() != 4) return ffi::Error::InvalidArgument("q, k, v must be [B, S, heads, H]");
-  *d = Dims{qd[0], qd[1], qd[2], kd[2], qd[3]};
-  if (kd[0] != d->B || kd[1] != d->S || kd[3] != d->H || d->N % d->K)
+  if (sd.size() != 1 || sd[0] < 1 || qd[1] % sd[0]) return ffi::Error::InvalidArgument("starts must be [P], P | Sq");
+  *d = Dims{qd[0], qd[1], kd[1], qd[2], kd[2], qd[3], sd[0], starts.typed_data()};
+  if (kd[0] != d->B || kd[3] != d->H || d->N % d->K)
     return ffi::Error::InvalidArgument("k, v must be [B, S, K, H] with K dividing q's heads");
+  for (int64_t p = 0; p < d->P; ++p)
+    if (d->starts[p] < 0 || d->starts[p] + d->piece() > d->S)
+      return ffi::Error::InvalidArgument("a query piece lies outside the keys' positions");
   return ffi::Error::Success();
 }
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                   ffi::Buffer<ffi::S32> seg, ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
+                   ffi::Buffer<ffi::S32> seg, ffi::Buffer<ffi::S32> starts, ffi::ResultBuffer<ffi::F32> out,
+                   ffi::ResultBuffer<ffi::F32> lse) {
   Dims d;
-  if (ffi::Error e = check_dims(q, k, &d); e.failure()) return e;
+  if (ffi::Error e = check_dims(q, k, starts, &d); e.failure()) return e;
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
   const int32_t* sp = seg.typed_data();
   float *op = out->typed_data(), *lp = lse->typed_data();
@@ -333,11 +356,11 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
 }
 
 ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                    ffi::Buffer<ffi::S32> seg, ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse,
-                    ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
-                    ffi::ResultBuffer<ffi::F32> dv) {
+                    ffi::Buffer<ffi::S32> seg, ffi::Buffer<ffi::S32> starts, ffi::Buffer<ffi::F32> out,
+                    ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dq,
+                    ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv) {
   Dims d;
-  if (ffi::Error e = check_dims(q, k, &d); e.failure()) return e;
+  if (ffi::Error e = check_dims(q, k, starts, &d); e.failure()) return e;
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data(), *op = out.typed_data();
   const float *lp = lse.typed_data(), *dop = dout.typed_data();
   const int32_t* sp = seg.typed_data();
@@ -348,14 +371,15 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
   return ffi::Error::Success();
 }
 
-// The arguments both passes take first: the pool, then q, k, v and the segment ids.
+// The arguments both passes take first: the pool, then q, k, v, the segment ids and the pieces' starts.
 auto bind_inputs() {
   return ffi::Ffi::Bind()
       .Ctx<ffi::ThreadPool>()
       .Arg<ffi::Buffer<ffi::F32>>()   // q
       .Arg<ffi::Buffer<ffi::F32>>()   // k
       .Arg<ffi::Buffer<ffi::F32>>()   // v
-      .Arg<ffi::Buffer<ffi::S32>>();  // segment ids
+      .Arg<ffi::Buffer<ffi::S32>>()   // segment ids
+      .Arg<ffi::Buffer<ffi::S32>>();  // starts
 }
 
 }  // namespace

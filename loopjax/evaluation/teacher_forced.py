@@ -1,4 +1,4 @@
-"""Held-out evaluation at the trained loop count and at others (extrapolation).
+"""Teacher-forced held-out evaluation at the trained loop count and at others (extrapolation).
 
 For each T in `eval.loop_steps` it reports, averaged over held-out tokens: the CE of every loop step,
 the exit-weighted loss sum_t p(t) CE_t, the entropy and expected exit step, and for the synthetic
@@ -23,9 +23,9 @@ from loopjax import checkpoint
 from loopjax import config as config_lib
 from loopjax import data as data_lib
 from loopjax import exits, sharding
-from loopjax.data import evaluate as task_eval
-from loopjax.data import pipeline, tasks
 from loopjax.data.validate import validate_data
+from loopjax.evaluation import exact_match
+from loopjax.evaluation.heldout import eval_data_cfg, eval_source, is_task
 from loopjax.model.heads import lm_logits, token_cross_entropy
 from loopjax.train import state as state_lib
 from loopjax.train.trainer import make_mesh
@@ -39,26 +39,13 @@ def eval_loop_steps(cfg) -> list[int]:
   return [int(t) for t in text.split(",")] if text else [cfg.model.loop_steps]
 
 
-def _eval_data_cfg(cfg):
-  data_cfg = cfg.data.copy_and_resolve_references()
-  if cfg.eval.source:
-    with data_cfg.unlocked():
-      data_cfg.source = cfg.eval.source
-  return data_cfg
-
-
-def is_task(cfg) -> bool:
-  names = pipeline.source_names(_eval_data_cfg(cfg))
-  return len(names) == 1 and names[0] in tasks.TASK_NAMES
-
-
 def eval_batches(cfg) -> list[dict]:
   """The full (global) held-out batches, identical on every process."""
-  data_cfg = _eval_data_cfg(cfg)
+  data_cfg = eval_data_cfg(cfg)
   e = cfg.eval
   batch_size = e.batch_size or cfg.train.batch_size
   if is_task(cfg):
-    return task_eval.make_eval_batches(data_cfg, seq_len=cfg.train.seq_len, batch_size=batch_size,
+    return exact_match.make_eval_batches(data_cfg, seq_len=cfg.train.seq_len, batch_size=batch_size,
                                        num_batches=e.num_batches, seed=e.seed)
   stream = data_lib.make_train_iterator(data_cfg, seq_len=cfg.train.seq_len, global_batch=batch_size, seed=e.seed)
   return list(itertools.islice(stream, e.num_batches))
@@ -106,9 +93,9 @@ class Evaluator:
     self.cfg, self.mesh = cfg, mesh
     self.batches = eval_batches(cfg) if batches is None else batches
     if not self.batches:
-      source = cfg.eval.source or cfg.data.source
       raise config_lib.ConfigError(
-          f"config.eval.source: {source!r} yields no held-out batch of {cfg.eval.batch_size or cfg.train.batch_size} "
+          f"config.eval.source: {eval_source(cfg)!r} yields no held-out batch of "
+          f"{cfg.eval.batch_size or cfg.train.batch_size} "
           f"rows (too few documents for its {cfg.data.num_shards or 'default'} data shards). Fix: hold out more "
           "documents, or lower data.num_shards or eval.batch_size")
     self.score = is_task(cfg)
@@ -134,8 +121,8 @@ class Evaluator:
         pred_TBS, pred_exit_BS = (np.asarray(multihost_utils.process_allgather(x, tiled=True))
                                   for x in (pred_TBS, pred_exit_BS))
         for t in range(loop_steps):
-          correct_T[t] += task_eval.exact_match_counts(pred_TBS[t], batch)[0]
-        correct, total = task_eval.exact_match_counts(pred_exit_BS, batch)
+          correct_T[t] += exact_match.exact_match_counts(pred_TBS[t], batch)[0]
+        correct, total = exact_match.exact_match_counts(pred_exit_BS, batch)
         correct_exit, questions = correct_exit + correct, questions + total
     tokens = max(float(totals.pop("tokens")), 1.0)
     prefix = f"eval_T{loop_steps}/"

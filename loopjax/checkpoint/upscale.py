@@ -33,8 +33,11 @@ import numpy as np
 import tensorstore as ts
 
 from loopjax import storage, upscale
-from loopjax.checkpoint import ARRAY_ITEMS, CheckpointError
-from loopjax.checkpoint_files import bits_sum, kvstore, open_array, pick_step
+from loopjax.checkpoint.errors import CheckpointError
+from loopjax.checkpoint.fingerprint import bits_sum
+from loopjax.checkpoint.files import kvstore, open_array
+from loopjax.checkpoint.layout import ARRAY_ITEMS
+from loopjax.checkpoint.listing import pick_step
 from loopjax.model import model_kind
 
 _U32 = 2**32
