@@ -51,8 +51,7 @@ def prepare(out: str, fast: bool) -> tuple[str, str]:
       for path in paths:
         with open(path, encoding="utf-8") as src:
           f.write(json.dumps({"text": src.read(), "file": os.path.basename(path)}) + "\n")
-    if cli(["prepare", source, "--output", target, "--tokenizer", "byte", "--text_field", "text",
-            "--no_progress"]) != 0:
+    if cli(["prepare", source, "--output", target, "--tokenizer", "byte", "--text_field", "text"]) != 0:
       raise SystemExit(f"loopjax prepare failed for {source}")
     dirs.append(target)
   return dirs[0], dirs[1]
