@@ -148,7 +148,7 @@ def default_config() -> ml_collections.ConfigDict:
   d.packing_bins = 0  # first-fit bins per packing round; 0 = the per-process batch size
   d.shuffle = True  # shuffle corpus documents (a new permutation each epoch)
   d.loss_on = "answer"  # synthetic tasks: train on "answer" tokens only, or on "all" targets
-  d.num_workers = 0  # >0: grain worker processes (needs absl flags parsed and a __main__ guard)
+  d.num_workers = 0  # >0: one pool of grain worker processes per process (needs absl flags parsed, a __main__ guard)
   d.read_threads = 0  # grain reader threads per process (0 = in the main thread; threads contend for the GIL)
   d.task_seed = 0  # synthetic tasks: seed of the fixed world (people, relations, biographies)
   d.mano_max_ops = 6  # Mano: expressions with 1..mano_max_ops operations (eval at mano_max_ops)

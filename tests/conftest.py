@@ -1,6 +1,9 @@
 """Shared test set-up: 8 fake CPU devices (set before any backend use) and the compile caches."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import jax
 
@@ -19,6 +22,12 @@ def compile_cache(name: str) -> str:
 
 
 SUBPROCESS_CACHE = compile_cache("xla-tests-subprocess")  # `--compile_cache` of the CLI runs the tests start
+
+# lm-eval's local tasks are cached as Arrow files by `datasets` on first load: a cache of this process's own,
+# so every run starts cold as CI does (a warm ~/.cache hid first-load output once) and leaves no files behind.
+if "HF_DATASETS_CACHE" not in os.environ:
+  os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="loopjax-tests-hf-datasets-")
+  atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], True)
 
 # As the CLI does: without a TPU, no TPU backend start-up in the test processes (libtpu's error lines, and its
 # /tmp/libtpu_lockfile, which would make a concurrent `loopjax compile --topology` fail with ABORTED).

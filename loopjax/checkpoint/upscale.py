@@ -9,7 +9,11 @@ path ("stack.wq", "1.0.mu.stack.wq"), plus small JSON metadata files. For each a
   not a layer array      its stored chunks are copied byte for byte (no decoding);
   layer array            read one stored chunk of layers at a time; each output layer drawn from it is
                          written as its own chunk (chunk shape [1, ...]);
-  moments="reset"        every opt_state array is written as zeros (what `optimizer.init` gives).
+  moments="reset"        every opt_state array is written as zeros (what `optimizer.init` gives), except
+                         an LR schedule's count, which is copied (`optim.fresh_state_at`: a reset must not
+                         send the LR back to its warmup). In the files that count is a scalar "P.count"
+                         with no other array under "P." (optax's ScaleByScheduleState; Adam's count has
+                         its mu and nu beside it).
 
 So at most one stored input chunk (for an unsharded save, one whole [L, ...] array) plus the layers
 in flight are in memory. The JSON metadata is copied with the changed shapes; the meta item gets the
@@ -57,6 +61,13 @@ def _arrays(kv) -> dict[str, list[bytes]]:
   return out
 
 
+def _schedule_counts(arrays) -> list[str]:
+  """The LR schedules' step counts among an opt_state's array names (see the module docstring)."""
+  names = set(arrays)
+  return [n for n in names if n.rpartition(".")[2] == "count"
+          and not any(o != n and o.startswith(n.rpartition(".")[0] + ".") for o in names)]
+
+
 class _ItemWriter:
   """Streams one array item (params or opt_state) from `src` to `dst`; returns its new checksum."""
 
@@ -68,17 +79,19 @@ class _ItemWriter:
     self.chunk_shapes = {}
 
   def run(self, old_checksum: int) -> int:
-    delta = 0  # new checksum - old checksum, mod 2**32
-    for name, keys in sorted(_arrays(self.kv_in).items()):
+    delta = zeroed = 0  # new checksum - old checksum; with zeros, the new sums alone (mod 2**32)
+    arrays = _arrays(self.kv_in)
+    self.schedule_counts = set(_schedule_counts(arrays)) if self.zero else set()
+    for name, keys in sorted(arrays.items()):
       is_layers = upscale.is_layer_array(name.split("."), self.stack_key)
       if is_layers or self.zero:
         old_sum, new_sum = self._stream(name, is_layers)
-        delta += new_sum - old_sum
+        delta, zeroed = delta + new_sum - old_sum, zeroed + new_sum
       else:
         for key in keys:
           self.kv_out.write(key, self.kv_in.read(key).result().value).result()
     self._copy_metadata_files()
-    return 0 if self.zero else (old_checksum + delta) % _U32
+    return (zeroed if self.zero else old_checksum + delta) % _U32
 
   def _stream(self, name: str, is_layers: bool) -> tuple[int, int]:
     """Writes array `name` (layers re-indexed, or zeros); (old, new) checksum of what it streamed.
@@ -97,9 +110,10 @@ class _ItemWriter:
     self.kv_out.write(f"{name}/.zarray", json.dumps(meta).encode()).result()
     target = open_array(self.dst, name, self.context, write=True)
     if source.rank == 0:  # a scalar (an optimizer step count): nothing to re-index
-      value = np.zeros((), dtype) if self.zero else source.read().result()
+      old = source.read().result()
+      value = old if not self.zero or name in self.schedule_counts else np.zeros((), dtype)
       target.write(value).result()
-      return bits_sum(value), bits_sum(value)
+      return bits_sum(old), bits_sum(value)
     old_sum = new_sum = 0
     for region in _chunk_grid(source.shape, stored_chunks):
       if self.zero:  # the item's checksum is then 0: no sums needed

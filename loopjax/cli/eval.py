@@ -88,10 +88,10 @@ def run_harness(args) -> int:
   from loopjax import storage
   from loopjax.evaluation.harness import model, sweep
   from loopjax.evaluation.harness.depth import sweep_depths
-  sweep_depths(args.loop_steps, args.exit_thresholds, trained_steps=1)  # the flags, then the tasks, then the model
-  tasks = sweep.load_tasks([t.strip() for t in args.harness.split(",") if t.strip()], args.include_path)
+  sweep_depths(args.loop_steps, args.exit_thresholds, trained_steps=1)  # the flags, the model's tokenizer, the tasks
   source = model.load_source(checkpoint=args.checkpoint or "", hf=args.hf or "", step=args.step,
                              tokenizer=args.tokenizer)
+  tasks = sweep.load_tasks([t.strip() for t in args.harness.split(",") if t.strip()], args.include_path)
   loaded = model.from_source(source)
   depths = sweep_depths(args.loop_steps, args.exit_thresholds, loaded.model_cfg.loop_steps)
   results = sweep.Sweep(loaded, tasks, depths, batch_rows=args.batch_size, limit=args.limit)()

@@ -17,7 +17,8 @@ def make_train_iterator(data_cfg, *, seq_len: int, global_batch: int, seed: int,
   (a pipeline.ShardedIterator).
 
   The global batch does not depend on process_count (see pipeline.py). The iterator's
-  get_state()/set_state() resume the exact stream (put the state in checkpoints).
+  get_state()/set_state() resume the exact stream (put the state in checkpoints). data.num_workers > 0
+  starts one pool of that many grain worker processes for all of this process's shards.
   """
   from loopjax.data import pipeline
   shards = pipeline.num_shards(data_cfg, global_batch)
@@ -29,7 +30,7 @@ def make_train_iterator(data_cfg, *, seq_len: int, global_batch: int, seed: int,
   return pipeline.ShardedIterator({
       shard: pipeline.build_dataset(data_cfg, seq_len=seq_len, local_batch=global_batch // shards, seed=seed,
                                     shard=shard, shard_count=shards)
-      for shard in mine})
+      for shard in mine}, num_workers=data_cfg.num_workers)
 
 
 def data_vocab_size(data_cfg) -> int:

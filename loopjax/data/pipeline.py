@@ -11,6 +11,10 @@ Corpora are shuffled per epoch by grain's index shuffle (a permutation, so it ne
 restores from an index); synthetic tasks are random already. Weighted mixtures use grain's
 MapDataset.mix. Everything after `to_iter_dataset` (chunking, packing, batching) is a grain
 IterDataset, so `get_state()/set_state()` resumes the exact stream.
+
+A process's shards are read in lock step as one IterDataset (Lockstep), so `data.num_workers > 0` is one
+mp_prefetch pool per process: a pool per shard would start num_workers x local shards processes (256 for
+64 shards and 4 workers). The stream and the per-shard state are the same as a pool per shard's.
 """
 
 import math
@@ -70,41 +74,89 @@ def build_dataset(data_cfg, *, seq_len: int, local_batch: int, seed: int, shard:
   examples = examples.to_iter_dataset(grain.ReadOptions(num_threads=data_cfg.read_threads))
   rows = packing.pack(examples, seq_len=seq_len, mode=data_cfg.packing,
                       num_bins=data_cfg.packing_bins or local_batch, seed=seed)
-  batches = rows.batch(local_batch, drop_remainder=drop_remainder)
-  if data_cfg.num_workers > 0:
-    batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.num_workers))
-  return batches
+  return rows.batch(local_batch, drop_remainder=drop_remainder)
 
 
-class ShardedIterator:
-  """A process's data shards read in lock step: each batch is the shards' rows in shard order.
+class Lockstep(grain.IterDataset):
+  """A process's shards as one IterDataset: each element is their batches concatenated in shard order.
 
-  `get_state()` is {shard id: that shard's grain state}; `set_state()` takes a dict holding (at
-  least) this process's shards, e.g. one gathered from every process of a run with another count.
+  One dataset so that one mp_prefetch pool serves all the process's shards. A pool's worker w slices
+  every shard's documents [w::num_workers], as a pool per shard did, and the pool takes the workers'
+  elements in turn, so the stream is the one of a pool per shard (tests/test_data_workers.py).
   """
 
   def __init__(self, shard_datasets: dict[int, grain.IterDataset]):
-    self.iterators = {shard: iter(ds) for shard, ds in sorted(shard_datasets.items())}
+    self.shards = sorted(shard_datasets)
+    super().__init__([shard_datasets[shard] for shard in self.shards])
+
+  def __iter__(self):
+    return _LockstepIterator([iter(ds) for ds in self.parents], self.shards)
+
+
+class _LockstepIterator(grain.DatasetIterator):
+  """Its state is {str(shard): that shard's state}."""
+
+  def __init__(self, shard_iterators: list, shards: list[int]):
+    super().__init__(shard_iterators)
+    self.keys = [str(shard) for shard in shards]
+
+  def __next__(self) -> dict:
+    parts = [next(it) for it in self._parents]
+    return parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+  def get_state(self) -> dict:
+    return {key: it.get_state() for key, it in zip(self.keys, self._parents)}
+
+  def set_state(self, state: dict):
+    for key, it in zip(self.keys, self._parents):
+      it.set_state(state[key])
+
+
+_WORKER_STATES = "iterators_in_use_states"  # the per-worker states in grain's mp_prefetch state
+
+
+class ShardedIterator:
+  """A process's data shards read in lock step (Lockstep), behind one pool of `num_workers` processes.
+
+  `get_state()` is {str(shard): that shard's state}; `set_state()` takes a dict holding (at least) this
+  process's shards, e.g. one gathered from every process of a run with another count. With workers,
+  grain's state is the pool's, one Lockstep state per worker; a shard's entry is that state with each
+  worker's state narrowed to the shard (the state a pool of that shard alone would have), so the
+  conversion loses nothing and any process layout resumes the exact stream.
+  """
+
+  def __init__(self, shard_datasets: dict[int, grain.IterDataset], num_workers: int = 0):
+    self.keys, self.num_workers = [str(shard) for shard in sorted(shard_datasets)], num_workers
+    ds = Lockstep(shard_datasets)
+    if num_workers > 0:
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    self.iterator = iter(ds)
 
   def __iter__(self):
     return self
 
   def __next__(self) -> dict:
-    parts = [next(it) for it in self.iterators.values()]
-    return parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    return next(self.iterator)
 
   def get_state(self) -> dict:
-    return {str(shard): it.get_state() for shard, it in self.iterators.items()}
+    state = self.iterator.get_state()
+    if not self.num_workers:
+      return state
+    return {key: {**state, _WORKER_STATES: [w[key] for w in state[_WORKER_STATES]]} for key in self.keys}
 
   def set_state(self, state: dict):
-    missing = [shard for shard in self.iterators if str(shard) not in state]
+    missing = [int(key) for key in self.keys if key not in state]
     if missing:
       raise ValueError(f"the data state has no entry for shards {missing}: it was saved with a different "
                        "data.num_shards")
-    for shard, it in self.iterators.items():
-      it.set_state(state[str(shard)])
+    saved = {len(state[key].get(_WORKER_STATES, ())) for key in self.keys}
+    if saved != {self.num_workers}:
+      raise ValueError(f"the data state was saved with data.num_workers={min(saved)}: resume with that "
+                       f"(this run has {self.num_workers})")
+    if self.num_workers:  # the shards share the pool's other fields (lock step): take the first's
+      state = {**state[self.keys[0]], _WORKER_STATES: [{key: state[key][_WORKER_STATES][w] for key in self.keys}
+                                                       for w in range(self.num_workers)]}
+    self.iterator.set_state(state)
 
   def close(self):
-    for it in self.iterators.values():
-      if hasattr(it, "close"):
-        it.close()
+    self.iterator.close()

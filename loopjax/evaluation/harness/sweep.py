@@ -37,6 +37,9 @@ def load_tasks(names: list[str], include_path: str = "", what: str = "--harness"
     raise HarnessError(f"{what}: no task named. Fix: give comma-separated task names, e.g. "
                        f"{','.join(local_tasks.NAMES)}")
   logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task notes would bury the table
+  import datasets
+  datasets.disable_progress_bars()  # "Generating test split" bars when a task's data is first cached
+  datasets.utils.logging.set_verbosity_error()
   manager = _manager(names, include_path)
   unknown = [n for n in names if n not in manager.all_tasks]
   if unknown:
