@@ -55,3 +55,18 @@ def test_d_loop_residual_fast(tmp_path):
   results = _run_fast("exp_d_loop_residual", tmp_path)
   assert sorted(results["runs"]) == ["12x1", "6x1", "6x6"]
   assert os.path.exists(tmp_path / "data" / "val" / "manifest.json")
+
+
+@pytest.mark.slow
+def test_c_collapse_causes_fast(tmp_path):
+  results = _run_fast("exp_c_collapse_causes", tmp_path)
+  assert sorted(results["runs"]) == sorted(["base", "gate_bias", "lr3e-4", "warm_start", "hops4", "lm_uniform"])
+  assert results["runs"]["gate_bias"]["exit_probs_first"][-1] > 0.5 > results["runs"]["base"]["exit_probs_first"][-1]
+
+
+@pytest.mark.slow
+def test_d_diagnose_fast(tmp_path):
+  results = _run_fast("exp_d_diagnose", tmp_path)
+  assert len(results["runs"]) == 3 + 1 and sorted(results["best_lr"]) == ["12x1", "6x1", "6x6"]
+  norms = results["residual_rms_per_layer_application"]
+  assert len(norms["6x6"]["init"]) == 1 + 36 and len(norms["6x1"]["init"]) == 1 + 6

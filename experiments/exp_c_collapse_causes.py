@@ -1,0 +1,123 @@
+"""Claim c, diagnosis: why does beta = 0 collapse the exit distribution onto step 1 here (Ouro: step T)?
+
+Each run is the beta = 0 run of exp_c_entropy.py (smoke model 2 layers x T=4 on multi-hop QA, 600
+steps, WSD LR 3e-3, seed 0) with exactly one thing changed:
+
+  base        nothing (beta 0)
+  gate_bias   the exit gate's bias starts at -2 instead of 0, so the initial p(t) is
+              (0.12, 0.10, 0.09, 0.68) instead of (0.5, 0.25, 0.125, 0.125). There is no config key
+              for it: this script swaps the gate's bias init while it builds that one model.
+  lr3e-4      the whole LR schedule x 0.1 (peak 3e-4, end 3e-5)
+  warm_start  beta 0.1 for the first 300 steps, then beta 0 (a 3-phase recipe with the same LR shape)
+  hops4       multi-hop with 1..4 hops (eval: held-out 4-hop questions) instead of 1..3
+  lm_uniform  stop-gradient choice: the LM's gradient weights every step's CE by 1/T, the gate's sees
+              sum_t p(t) sg(CE_t) (Ouro lets the gate's p(t) weight the LM's gradient too). Loss value
+              unchanged; no config key for it either, so this script wraps `exits.stage1_loss`.
+
+Numbers: final p(t) and entropy, training CE per step early (first log rows) and at the end, the
+step p(1) first exceeded 0.9, held-out exact match per step.
+
+    python experiments/exp_c_collapse_causes.py [--fast] [--out runs/experiments/c_collapse_causes]
+        [--seed N] [--variants base,lm_uniform]
+"""
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+STEPS = 600
+VARIANTS = ("base", "gate_bias", "lr3e-4", "warm_start", "hops4", "lm_uniform")
+GATE_BIAS = -2.0
+
+
+def config(name: str, fast: bool, seed: int = 0):
+  from loopjax.phases import phase
+  c = common.base_config("multihop", STEPS, fast=fast, seed=seed)
+  common.tiny_model(c, vocab=128)
+  c.objective.prior, c.objective.beta = "uniform", 0.0
+  if name == "lr3e-4":
+    c.optim.lr, c.optim.end_lr = 3e-4, 3e-5
+  elif name == "hops4":
+    c.data.multihop_max_hops = 4
+  elif name == "warm_start":  # the WSD schedule of base_config, as phases: beta 0.1 for the first half
+    o, half, decay = c.optim, c.train.steps // 2, max(1, c.optim.decay_steps)
+    c.phases = (phase(name="beta0.1", steps=half, beta=0.1, lr=o.lr, warmup_steps=o.warmup_steps),
+                phase(name="beta0", steps=max(1, half - decay), beta=0.0),
+                phase(name="decay", steps=decay, lr_shape="linear", end_lr=o.end_lr))
+  return c
+
+
+@contextlib.contextmanager
+def patched(name: str):
+  """The two changes no config key offers, undone afterwards (the tests run every script in one process)."""
+  import jax
+  from loopjax import exits
+  from loopjax.model import heads
+  saved_bias, saved_loss = heads.GATE_PARAMS["bias"], exits.stage1_loss
+  if name == "gate_bias":
+    class ConstantBias(type(saved_bias)):
+      def create(self, *args, **kwargs):
+        param = saved_bias.create(*args, **kwargs)  # zeros
+        param[...] = param[...] + GATE_BIAS
+        return param
+    heads.GATE_PARAMS["bias"] = ConstantBias(saved_bias.shape, saved_bias.axes, saved_bias.init,
+                                             saved_bias.weight_decay)
+  if name == "lm_uniform":
+    def stage1_loss(ce_TBS, gate_TBS, mask_BS, **kwargs):
+      loss, metrics = saved_loss(jax.lax.stop_gradient(ce_TBS), gate_TBS, mask_BS, **kwargs)
+      lm = exits.masked_mean(ce_TBS.mean(axis=0), mask_BS.astype(ce_TBS.dtype))
+      return loss + lm - jax.lax.stop_gradient(lm), metrics
+    exits.stage1_loss = stage1_loss
+  try:
+    yield
+  finally:
+    heads.GATE_PARAMS["bias"], exits.stage1_loss = saved_bias, saved_loss
+
+
+def summary(workdir: str) -> dict:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  train = sorted({r["step"]: r for r in rows if "exit_probs" in r}.values(), key=lambda r: r["step"])
+  ev = common.final_eval(workdir)
+  T = len(train[-1]["exit_probs"])
+  probs = train[-1]["exit_probs"]
+  locked = next((r["step"] for r in train if r["exit_probs"][0] > 0.9), None)
+  return {"exit_probs": probs, "exit_entropy": -sum(p * math.log(p) for p in probs if p > 0),
+          "expected_exit_step": train[-1]["expected_exit_step"], "p1_above_0.9_at_step": locked,
+          "exit_probs_first": train[0]["exit_probs"], "train_ce_per_step_by_step": {
+              str(r["step"]): r["ce_per_step"] for r in train[:6] + train[-1:]},
+          "eval_exact_match_per_step": ev[f"eval_T{T}/exact_match_per_step"],
+          "eval_ce_per_step": ev[f"eval_T{T}/ce_per_step"],
+          "eval_exact_match_q_exit": ev[f"eval_T{T}/exact_match_q_exit"]}
+
+
+def main(argv=None) -> dict:
+  import argparse
+  parser = argparse.ArgumentParser(add_help=False)
+  parser.add_argument("--seed", type=int, default=0, help="another seed: runs go to OUT/seed<N>/")
+  parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of the runs")
+  extra, rest = parser.parse_known_args(argv)
+  args = common.parse_args(__doc__, "c_collapse_causes", rest)
+  out = os.path.join(args.out, f"seed{extra.seed}") if extra.seed else args.out
+  os.makedirs(out, exist_ok=True)
+  workdirs, wall = {}, {}
+  for name in extra.variants.split(","):
+    start = time.time()
+    with patched(name):
+      workdirs[name] = common.train(config(name, args.fast, extra.seed), os.path.join(out, name))
+    wall[name] = round(time.time() - start, 1)
+  results = {"steps": 4 if args.fast else STEPS, "fast": args.fast,
+             "runs": {name: dict(summary(w), wall_s=wall[name]) for name, w in workdirs.items()}}
+  common.write_results(out, results)
+  common.plot(list(workdirs.values()), os.path.join(out, "c_collapse_causes.png"))
+  return results
+
+
+if __name__ == "__main__":
+  main()
