@@ -61,11 +61,10 @@ def _arrays(kv) -> dict[str, list[bytes]]:
   return out
 
 
-def _schedule_counts(arrays) -> list[str]:
+def _schedule_counts(names) -> set[str]:
   """The LR schedules' step counts among an opt_state's array names (see the module docstring)."""
-  names = set(arrays)
-  return [n for n in names if n.rpartition(".")[2] == "count"
-          and not any(o != n and o.startswith(n.rpartition(".")[0] + ".") for o in names)]
+  return {n for n in names if n.rpartition(".")[2] == "count"
+          and not any(o != n and o.startswith(n.rpartition(".")[0] + ".") for o in names)}
 
 
 class _ItemWriter:
@@ -81,7 +80,7 @@ class _ItemWriter:
   def run(self, old_checksum: int) -> int:
     delta = zeroed = 0  # new checksum - old checksum; with zeros, the new sums alone (mod 2**32)
     arrays = _arrays(self.kv_in)
-    self.schedule_counts = set(_schedule_counts(arrays)) if self.zero else set()
+    self.schedule_counts = _schedule_counts(arrays) if self.zero else set()
     for name, keys in sorted(arrays.items()):
       is_layers = upscale.is_layer_array(name.split("."), self.stack_key)
       if is_layers or self.zero:
