@@ -18,7 +18,20 @@ def parse_args(doc: str, name: str, argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--fast", action="store_true", help="a few steps per run: checks the script, not the claim")
   parser.add_argument("--out", default=os.path.join("runs", "experiments", name), help="workdirs, JSON and plots")
+  parser.add_argument("--steps", type=int, default=0, help="training steps per run (0: the script's budget)")
+  parser.add_argument("--seeds", default="", help="comma-separated seeds (empty: the script's)")
+  parser.add_argument("--variants", default="", help="comma-separated subset of the script's runs (empty: all)")
   return parser.parse_args(argv)
+
+
+def pick(args, variants, seeds=(0,)):
+  """The runs `args` asks for: (variant names, seeds), the script's own where a flag is empty."""
+  names = [v for v in args.variants.split(",") if v] or list(variants)
+  unknown = sorted(set(names) - set(variants))
+  if unknown:
+    raise SystemExit(f"--variants: unknown {unknown}; this script runs {list(variants)}")
+  chosen = [int(s) for s in args.seeds.split(",") if s] or list(seeds)
+  return names, (chosen[:1] if args.fast else chosen)
 
 
 def tiny_model(cfg, *, vocab: int, hidden: int = 64, layers: int = 2, loop_steps: int = 4):
@@ -77,4 +90,40 @@ def plot(workdirs: list[str], path: str):
   """The `loopjax plot` figure of `workdirs`, small enough for RESULTS.md."""
   from loopjax.cli.plot import plot as draw
   draw(workdirs, path, dpi=60)
+  print(f"wrote {path}")
+
+
+def eval_curve(workdir: str, key: str, index: int = -1) -> tuple[list[int], list[float]]:
+  """(steps, values) of a held-out metric over training; `index` picks one loop step of a per-step list."""
+  from loopjax.plotting.runs import load
+  steps, values = load(workdir, "").eval_series(key)
+  return steps, [v[index] if isinstance(v, list) else v for v in values]
+
+
+def plot_bands(panels: list[dict], path: str):
+  """One panel per dict {title, ylabel, groups: {label: [(steps, values) per seed]}, mark: (y, text) or None}.
+
+  Each group is drawn as its seed mean with a band from the seeds' min to max (the spread three seeds
+  can show); `mark` draws the decision rule's threshold as a dotted line.
+  """
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  import numpy as np
+  fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.6), squeeze=False)
+  for ax, panel in zip(axes[0], panels):
+    for label, curves in panel["groups"].items():
+      steps = sorted(set.intersection(*(set(s) for s, _ in curves)))
+      table = np.array([[dict(zip(s, v))[x] for x in steps] for s, v in curves])
+      line, = ax.plot(steps, table.mean(axis=0), label=f"{label} (n={len(curves)})")
+      ax.fill_between(steps, table.min(axis=0), table.max(axis=0), color=line.get_color(), alpha=0.2)
+    if panel.get("mark"):
+      y, text = panel["mark"]
+      ax.axhline(y, color="gray", linestyle=":", label=text)
+    ax.set(title=panel["title"], xlabel="step", ylabel=panel["ylabel"])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=60)
+  plt.close(fig)
   print(f"wrote {path}")

@@ -5,7 +5,8 @@ once (equal parameters) and 4k layers run once (equal FLOPs), k = 2, three seeds
 looped > equal-parameter baseline, close to the equal-FLOPs one. Numbers: held-out exact match at
 the trained T (teacher-forced, the answer token), mean and spread over seeds.
 
-    python experiments/exp_a_manipulation.py [--fast] [--out runs/experiments/a_manipulation]
+    python experiments/exp_a_manipulation.py [--fast] [--steps N] [--seeds 0,1,2] [--variants 2x4,2x1]
+        [--out runs/experiments/a_manipulation]
 """
 
 import os
@@ -20,8 +21,8 @@ SEEDS = (0, 1, 2)
 STEPS = 600
 
 
-def config(layers: int, loop_steps: int, seed: int, fast: bool):
-  c = common.base_config("multihop", STEPS, fast=fast, seed=seed)
+def config(layers: int, loop_steps: int, seed: int, fast: bool, steps: int = STEPS):
+  c = common.base_config("multihop", steps, fast=fast, seed=seed)
   common.tiny_model(c, vocab=128, layers=layers, loop_steps=loop_steps)
   c.objective.beta = 0.1 if loop_steps > 1 else 0.0
   return c
@@ -34,14 +35,16 @@ def exact_match(workdir: str, loop_steps: int) -> float:
 
 def main(argv=None) -> dict:
   args = common.parse_args(__doc__, "a_manipulation", argv)
-  seeds = SEEDS[:1] if args.fast else SEEDS
+  names, seeds = common.pick(args, VARIANTS, SEEDS)
+  steps = args.steps or STEPS
   runs, scores = {}, {}
-  for name, (layers, loop_steps) in VARIANTS.items():
+  for name in names:
+    layers, loop_steps = VARIANTS[name]
     for seed in seeds:
-      workdir = common.train(config(layers, loop_steps, seed, args.fast), os.path.join(args.out, f"{name}_s{seed}"))
+      workdir = common.train(config(layers, loop_steps, seed, args.fast, steps), os.path.join(args.out, f"{name}_s{seed}"))
       runs.setdefault(name, []).append(workdir)
       scores.setdefault(name, []).append(exact_match(workdir, loop_steps))
-  results = {"steps": 4 if args.fast else STEPS, "fast": args.fast, "seeds": list(seeds),
+  results = {"steps": 4 if args.fast else steps, "fast": args.fast, "seeds": list(seeds),
              "exact_match": {name: dict(common.mean_spread(s), per_seed=s) for name, s in scores.items()}}
   common.write_results(args.out, results)
   common.plot([w[0] for w in runs.values()], os.path.join(args.out, "a_manipulation.png"))

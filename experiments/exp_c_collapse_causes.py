@@ -4,15 +4,14 @@ Each run is the beta = 0 run of exp_c_entropy.py (smoke model 2 layers x T=4 on 
 steps, WSD LR 3e-3, seed 0) with exactly one thing changed:
 
   base        nothing (beta 0)
-  gate_bias   the exit gate's bias starts at -2 instead of 0, so the initial p(t) is
-              (0.12, 0.10, 0.09, 0.68) instead of (0.5, 0.25, 0.125, 0.125). There is no config key
-              for it: this script swaps the gate's bias init while it builds that one model.
+  gate_bias   the exit gate's bias starts at -2 instead of 0 (model.gate_bias_init), so the initial
+              p(t) is (0.12, 0.10, 0.09, 0.68) instead of (0.5, 0.25, 0.125, 0.125)
   lr3e-4      the whole LR schedule x 0.1 (peak 3e-4, end 3e-5)
   warm_start  beta 0.1 for the first 300 steps, then beta 0 (a 3-phase recipe with the same LR shape)
   hops4       multi-hop with 1..4 hops (eval: held-out 4-hop questions) instead of 1..3
-  lm_uniform  stop-gradient choice: the LM's gradient weights every step's CE by 1/T, the gate's sees
-              sum_t p(t) sg(CE_t) (Ouro lets the gate's p(t) weight the LM's gradient too). Loss value
-              unchanged; no config key for it either, so this script wraps `exits.stage1_loss`.
+  lm_uniform  stop-gradient choice (objective.lm_weights = "uniform"): the LM's gradient weights
+              every step's CE by 1/T, the gate's sees sum_t p(t) sg(CE_t) (Ouro lets the gate's p(t)
+              weight the LM's gradient too). Loss value unchanged.
 
 Numbers: final p(t) and entropy, training CE per step early (first log rows) and at the end, the
 step p(1) first exceeded 0.9, held-out exact match per step.
@@ -21,7 +20,6 @@ step p(1) first exceeded 0.9, held-out exact match per step.
         [--seed N] [--variants base,lm_uniform]
 """
 
-import contextlib
 import json
 import math
 import os
@@ -43,6 +41,10 @@ def config(name: str, fast: bool, seed: int = 0):
   c.objective.prior, c.objective.beta = "uniform", 0.0
   if name == "lr3e-4":
     c.optim.lr, c.optim.end_lr = 3e-4, 3e-5
+  elif name == "gate_bias":
+    c.model.gate_bias_init = GATE_BIAS
+  elif name == "lm_uniform":
+    c.objective.lm_weights = "uniform"
   elif name == "hops4":
     c.data.multihop_max_hops = 4
   elif name == "warm_start":  # the WSD schedule of base_config, as phases: beta 0.1 for the first half
@@ -51,33 +53,6 @@ def config(name: str, fast: bool, seed: int = 0):
                 phase(name="beta0", steps=max(1, half - decay), beta=0.0),
                 phase(name="decay", steps=decay, lr_shape="linear", end_lr=o.end_lr))
   return c
-
-
-@contextlib.contextmanager
-def patched(name: str):
-  """The two changes no config key offers, undone afterwards (the tests run every script in one process)."""
-  import jax
-  from loopjax import exits
-  from loopjax.model import heads
-  saved_bias, saved_loss = heads.GATE_PARAMS["bias"], exits.stage1_loss
-  if name == "gate_bias":
-    class ConstantBias(type(saved_bias)):
-      def create(self, *args, **kwargs):
-        param = saved_bias.create(*args, **kwargs)  # zeros
-        param[...] = param[...] + GATE_BIAS
-        return param
-    heads.GATE_PARAMS["bias"] = ConstantBias(saved_bias.shape, saved_bias.axes, saved_bias.init,
-                                             saved_bias.weight_decay)
-  if name == "lm_uniform":
-    def stage1_loss(ce_TBS, gate_TBS, mask_BS, **kwargs):
-      loss, metrics = saved_loss(jax.lax.stop_gradient(ce_TBS), gate_TBS, mask_BS, **kwargs)
-      lm = exits.masked_mean(ce_TBS.mean(axis=0), mask_BS.astype(ce_TBS.dtype))
-      return loss + lm - jax.lax.stop_gradient(lm), metrics
-    exits.stage1_loss = stage1_loss
-  try:
-    yield
-  finally:
-    heads.GATE_PARAMS["bias"], exits.stage1_loss = saved_bias, saved_loss
 
 
 def summary(workdir: str) -> dict:
@@ -109,8 +84,7 @@ def main(argv=None) -> dict:
   workdirs, wall = {}, {}
   for name in extra.variants.split(","):
     start = time.time()
-    with patched(name):
-      workdirs[name] = common.train(config(name, args.fast, extra.seed), os.path.join(out, name))
+    workdirs[name] = common.train(config(name, args.fast, extra.seed), os.path.join(out, name))
     wall[name] = round(time.time() - start, 1)
   results = {"steps": 4 if args.fast else STEPS, "fast": args.fast,
              "runs": {name: dict(summary(w), wall_s=wall[name]) for name, w in workdirs.items()}}

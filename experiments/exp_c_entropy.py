@@ -5,7 +5,8 @@ Without it (beta = 0) the mass of p(t) runs to one step (the paper: the last); b
 smoke model (2 layers x T=4, 64 wide) on multi-hop QA, equal everything else; the numbers are the
 final exit distribution, its entropy and held-out exact match.
 
-    python experiments/exp_c_entropy.py [--fast] [--out runs/experiments/c_entropy]
+    python experiments/exp_c_entropy.py [--fast] [--seeds 0,1,2] [--variants beta0,beta0.1]
+        [--out runs/experiments/c_entropy]      (workdirs OUT/<variant>_s<seed>)
 """
 
 import math
@@ -24,8 +25,8 @@ VARIANTS = {  # name -> (objective.prior, objective.beta)
 STEPS = 600
 
 
-def config(prior: str, beta: float, fast: bool):
-  c = common.base_config("multihop", STEPS, fast=fast)
+def config(prior: str, beta: float, fast: bool, seed: int = 0, steps: int = STEPS):
+  c = common.base_config("multihop", steps, fast=fast, seed=seed)
   common.tiny_model(c, vocab=128)
   c.objective.prior, c.objective.beta = prior, beta
   return c
@@ -45,12 +46,16 @@ def summary(workdir: str) -> dict:
 
 def main(argv=None) -> dict:
   args = common.parse_args(__doc__, "c_entropy", argv)
-  workdirs = {name: common.train(config(prior, beta, args.fast), os.path.join(args.out, name))
-              for name, (prior, beta) in VARIANTS.items()}
-  results = {"steps": 4 if args.fast else STEPS, "fast": args.fast,
+  names, seeds = common.pick(args, VARIANTS)
+  steps = args.steps or STEPS
+  workdirs = {f"{name}_s{seed}": common.train(config(*VARIANTS[name], args.fast, seed, steps),
+                                              os.path.join(args.out, f"{name}_s{seed}"))
+              for name in names for seed in seeds}
+  results = {"steps": 4 if args.fast else steps, "fast": args.fast,
              "runs": {name: summary(w) for name, w in workdirs.items()}}
   common.write_results(args.out, results)
-  common.plot(list(workdirs.values()), os.path.join(args.out, "c_entropy.png"))
+  common.plot([w for name, w in workdirs.items() if name.endswith(f"_s{seeds[0]}")],
+              os.path.join(args.out, "c_entropy.png"))
   return results
 
 

@@ -7,13 +7,12 @@ mean over tokens of one held-out batch) after every layer application, at initia
 training at 1e-3 and at the model's best LR, computed by running the Loop-Residual forward by hand on
 the restored parameters. Then one controlled 6x6 run at its best LR whose residual-branch output
 projections (wo, w_proj) start at std 0.02 / sqrt(2 x layers x loops), GPT-2's depth scaling counted
-over the unrolled depth (no config key: this script swaps their init while it builds that model).
+over the unrolled depth (model.depth_scaled_init).
 `--best` then trains each model at its best LR for exp_d's 800 steps.
 
     python experiments/exp_d_diagnose.py [--fast] [--best] [--out runs/experiments/d_diagnose]
 """
 
-import contextlib
 import json
 import os
 import statistics
@@ -83,26 +82,9 @@ def residual_rms(cfg, workdir: str | None, val_dir: str) -> list[float]:
   return out
 
 
-@contextlib.contextmanager
-def scaled_outputs(factor: float):
-  """wo and w_proj drawn with std init_std x factor while the block is built; undone afterwards."""
-  from loopjax.model import loop_residual
-  saved = dict(loop_residual.GPT2_PARAMS)
-  for key in ("wo", "w_proj"):
-    spec = saved[key]
-
-    class Scaled(type(spec)):
-      def create(self, *args, spec=spec, **kwargs):
-        return spec.create(*args, **dict(kwargs, init_std=kwargs["init_std"] * factor))
-    loop_residual.GPT2_PARAMS[key] = Scaled(spec.shape, spec.axes, spec.init, spec.weight_decay)
-  try:
-    yield
-  finally:
-    loop_residual.GPT2_PARAMS.update(saved)
-
-
 def main(argv=None) -> dict:
   import argparse
+  from loopjax.model.loop_residual import output_init_scale
   parser = argparse.ArgumentParser(add_help=False)
   parser.add_argument("--best", action="store_true")
   extra, rest = parser.parse_known_args(argv)
@@ -127,12 +109,12 @@ def main(argv=None) -> dict:
                       for lr in sorted({1e-3, best[name]})}}
   layers, loops = exp_d.VARIANTS["6x6"]
   cfg = config(layers, loops, best["6x6"], STEPS, train_dir, val_dir, args.fast)
-  factor = (2 * layers * loops) ** -0.5
+  cfg.model.depth_scaled_init = True
+  factor = output_init_scale(cfg.model)
   start, workdir = time.time(), os.path.join(args.out, f"6x6_scaled_lr{best['6x6']:g}")
-  with scaled_outputs(factor):
-    common.train(cfg, workdir)
-    norms["6x6_scaled"] = {"init": residual_rms(cfg, None, val_dir)}
-  norms["6x6_scaled"][f"lr{best['6x6']:g}"] = residual_rms(cfg, workdir, val_dir)
+  common.train(cfg, workdir)
+  norms["6x6_scaled"] = {"init": residual_rms(cfg, None, val_dir),
+                         f"lr{best['6x6']:g}": residual_rms(cfg, workdir, val_dir)}
   runs["6x6_scaled"] = {"model": "6x6", "lr": best["6x6"], "output_init_factor": factor,
                         "wall_s": round(time.time() - start, 1), "grad_norm": grad_norms(workdir),
                         "val_loss_nats_per_byte": common.final_eval(workdir)[f"eval_T{loops}/ce_per_step"][-1]}

@@ -16,7 +16,7 @@ import os
 
 import ml_collections
 
-from loopjax import config_longrun
+from loopjax import config_checkpoint, config_longrun
 from loopjax.model import MODEL_KINDS, model_kind
 from loopjax.model.attention import CUDNN_DTYPES, IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from loopjax.model.stack import REMAT_POLICIES as STACK_REMAT_POLICIES
@@ -26,8 +26,15 @@ LOSS_REMAT = ("auto", "save", "recompute")
 SCHEDULES = ("constant", "warmup_constant", "cosine", "wsd")
 SCHEDULE_CHANGES = ("refuse", "continue", "reschedule")  # optim.on_schedule_change
 PRIORS = ("uniform", "geometric")
+LM_WEIGHTS = ("exit", "uniform")  # objective.lm_weights (exits.stage1_loss)
 NAN_POLICIES = ("skip", "stop")
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64 for numerical checks
+
+
+_CHOICES = {"model.kind": MODEL_KINDS, "model.remat": REMAT_POLICIES, "model.loss_remat": LOSS_REMAT,
+            "model.attention": ATTENTION_IMPLEMENTATIONS, "model.param_dtype": DTYPES, "model.compute_dtype": DTYPES,
+            "optim.schedule": SCHEDULES, "optim.on_schedule_change": SCHEDULE_CHANGES, "objective.prior": PRIORS,
+            "objective.lm_weights": LM_WEIGHTS, "train.nan_policy": NAN_POLICIES}
 
 
 class ConfigError(ValueError):
@@ -62,6 +69,10 @@ def default_config() -> ml_collections.ConfigDict:
   # recomputation; "recompute" rebuilds the logits (memory [B, S, D] per step); "auto" saves when it fits.
   m.loss_remat = "auto"
   m.init_std = 0.02
+  m.gate_bias_init = 0.0  # Ouro: the exit gate's initial bias (0 starts at p = 1/2, 1/4, ...; < 0 tilts it to step T)
+  # Loop-Residual: the residual branches' output projections start at init_std / sqrt(2 x layer applications),
+  # GPT-2's depth scaling counted over the unrolled depth (prelude + layers x loop_steps + coda).
+  m.depth_scaled_init = False
   # The attention core (loopjax/model/attention.py): "xla" (dense [S, S] scores), "blocked" (pure-JAX
   # flash-style, O(S) memory), "native" (a C++ XLA:CPU kernel, built on first use), "splash" (Pallas TPU
   # kernel), "pallas_gpu" (Pallas GPU flash kernel with documents), "cudnn" (GPU, rows without documents), or
@@ -80,6 +91,9 @@ def default_config() -> ml_collections.ConfigDict:
   o.beta = 0.1  # entropy weight in the Stage I loss
   o.prior = "uniform"  # "uniform" (Ouro) or "geometric" (PonderNet KL)
   o.geometric_lambda = 0.5  # prior's per-step exit probability when prior == "geometric"
+  # What weights step t's CE in the LM's gradient: "exit" p(t) (Ouro), or "uniform" 1/T (the gate still
+  # learns from sum_t p(t) CE_t; the loss value is the same). exits.stage1_loss says why one might.
+  o.lm_weights = "exit"
   # Stage II (a phase with objective "gate"): continuation target sigmoid(k (I_t - gamma)), SPEC section 2.
   o.gate_k = 50.0
   o.gate_gamma = 0.005
@@ -117,26 +131,8 @@ def default_config() -> ml_collections.ConfigDict:
   t.peak_flops = 0.0  # MFU denominator, FLOP/s of all devices; 0 = env LOOPJAX_PEAK_FLOPS, the chip table, or a probe
   config_longrun.add_defaults(t)  # trackers, step watchdog, spike skipping, profiles (config_longrun.py)
 
-  c.checkpoint = k = ml_collections.ConfigDict()
-  # Checkpoints live in WORKDIR/checkpoints; `loopjax train` resumes from the newest complete one.
-  k.every_steps = 1000  # save every N steps (0 = never by step count); the last step is always saved
-  k.every_minutes = 30.0  # also save when this many minutes have passed since the last save (0 = off)
-  k.keep = 3  # keep the latest K checkpoints...
-  k.keep_period = 0  # ...plus every step divisible by P, permanently (0 = none)
-  k.async_save = True  # write in a background thread while training continues
-  k.compress = False  # zstd on the arrays: 8-20% fewer bytes for CPU the step competes with
-  k.phase = "main"  # recorded in every checkpoint (the phase runner sets it)
-  # Resuming (loopjax/checkpoint/recovery.py): a checkpoint is set aside only on proof of damage; a storage
-  # error that may pass is retried this many times, waiting retry_seconds, then twice that, ...; when
-  # checkpoints exist and none restores, the run refuses to start over from step 0 unless this is True.
-  k.restore_retries = 5
-  k.restore_retry_seconds = 2.0
-  k.allow_fresh_start = False
-  # One writer per workdir (loopjax/lease.py): a run holds WORKDIR/lease.json and rewrites its heartbeat
-  # this often; a lease whose heartbeat is older than the timeout (or whose process on this host is gone)
-  # is taken over by the next run. Keep the timeout well above the heartbeat and any clock skew.
-  k.lease_heartbeat_seconds = 30.0
-  k.lease_timeout_minutes = 10.0
+  c.checkpoint = ml_collections.ConfigDict()
+  config_checkpoint.add_defaults(c.checkpoint)  # saving, keeping, resuming, the lease (config_checkpoint.py)
 
   c.data = d = ml_collections.ConfigDict()
   # One source or a comma-separated mixture: built-in tasks "mano", "multihop", "capo" (no files
@@ -283,15 +279,8 @@ def validate(cfg, num_devices: int) -> tuple[int, int, int]:
   (`loopjax.phases.plan`, which puts every phase's derived config through this function).
   """
   m, t = cfg.model, cfg.train
-  _check_choice(cfg, "model.kind", MODEL_KINDS)
-  _check_choice(cfg, "model.remat", REMAT_POLICIES)
-  _check_choice(cfg, "model.loss_remat", LOSS_REMAT)
-  _check_choice(cfg, "model.attention", ATTENTION_IMPLEMENTATIONS)
-  _check_choice(cfg, "model.param_dtype", DTYPES)
-  _check_choice(cfg, "model.compute_dtype", DTYPES)
-  _check_choice(cfg, "optim.schedule", SCHEDULES)
-  _check_choice(cfg, "optim.on_schedule_change", SCHEDULE_CHANGES)
-  _check_choice(cfg, "objective.prior", PRIORS)
+  for field, choices in _CHOICES.items():
+    _check_choice(cfg, field, choices)
   for field in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                 "mlp_dim", "loop_steps", "layer_unroll", "loop_unroll"):
     if m[field] < 1:
@@ -305,6 +294,8 @@ def validate(cfg, num_devices: int) -> tuple[int, int, int]:
   if m.kind == "loop_residual" and m.num_heads * m.head_dim != m.hidden_size:
     _fail("model.head_dim", f"num_heads*head_dim = {m.num_heads * m.head_dim} != hidden_size={m.hidden_size}",
           f"set --config.model.head_dim={m.hidden_size // m.num_heads}")
+  if m.depth_scaled_init and m.kind != "loop_residual":
+    _fail("model.depth_scaled_init", f"is for model.kind='loop_residual', not {m.kind!r}", "set it to False")
   if m.head_dim % 2 and m.kind == "ouro":
     _fail("model.head_dim", f"RoPE needs an even head_dim, got {m.head_dim}", "use an even head_dim")
   if m.kind == "loop_residual" and t.seq_len > m.max_positions:
@@ -328,28 +319,10 @@ def validate(cfg, num_devices: int) -> tuple[int, int, int]:
   for field in ("steps", "batch_size", "seq_len", "log_every"):
     if t[field] < 1 and not (field == "steps" and cfg.phases):
       _fail(f"train.{field}", f"must be >= 1, got {t[field]}", f"set --config.train.{field} to a positive integer")
-  _check_choice(cfg, "train.nan_policy", NAN_POLICIES)
   if t.peak_flops < 0:
     _fail("train.peak_flops", f"must be >= 0, got {t.peak_flops}", "give the devices' total FLOP/s, or 0 to measure")
   config_longrun.check(t, _fail)
-  k = cfg.checkpoint
-  for field in ("every_steps", "every_minutes", "keep_period"):
-    if k[field] < 0:
-      _fail(f"checkpoint.{field}", f"must be >= 0, got {k[field]}", f"set --config.checkpoint.{field} to 0 (off) or more")
-  if k.keep < 1:
-    _fail("checkpoint.keep", f"must be >= 1, got {k.keep}", "keep at least the latest checkpoint (resume needs it)")
-  if k.restore_retries < 0 or k.restore_retry_seconds < 0:
-    _fail("checkpoint.restore_retries", f"restore_retries={k.restore_retries} and restore_retry_seconds="
-          f"{k.restore_retry_seconds} must be >= 0", "use 0 to fail at the first storage error, or a positive count")
-  if not k.phase or "/" in k.phase:
-    _fail("checkpoint.phase", f"{k.phase!r} is not a usable name", "use a short name such as 'main'")
-  for field in ("lease_heartbeat_seconds", "lease_timeout_minutes"):
-    if k[field] <= 0:
-      _fail(f"checkpoint.{field}", f"must be > 0, got {k[field]}", f"set --config.checkpoint.{field} to a positive number")
-  if k.lease_heartbeat_seconds >= k.lease_timeout_minutes * 60:
-    _fail("checkpoint.lease_heartbeat_seconds", f"{k.lease_heartbeat_seconds:g} s is not shorter than "
-          f"checkpoint.lease_timeout_minutes={k.lease_timeout_minutes:g}, so a live run would look stale",
-          "make the heartbeat a small fraction of the timeout (defaults: 30 s and 10 min)")
+  config_checkpoint.check(cfg.checkpoint, _fail)
   o = cfg.optim
   if o.warmup_steps < 0 or o.decay_steps < 0:
     _fail("optim.warmup_steps", "warmup_steps and decay_steps must be >= 0", "use non-negative step counts")

@@ -67,20 +67,34 @@ def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def stage1_loss(ce_TBS: jax.Array, gate_logits_TBS: jax.Array, loss_mask_BS: jax.Array, *, beta: float,
-                prior: str = "uniform", geometric_lambda: float = 0.5):
+                prior: str = "uniform", geometric_lambda: float = 0.5, lm_weights: str = "exit"):
   """Stage I (pretraining) objective, averaged over tokens with loss_mask = 1.
 
     uniform prior:   L = sum_t p(t) CE_t - beta * H(p)
                      (= the negative ELBO with a uniform prior over exit steps, up to + beta log T)
     geometric prior: L = sum_t p(t) CE_t + beta * KL(p || Geometric(lambda_p))
 
-  Gradients flow through every step's CE and through the gate. Returns (loss, metrics) where the
-  metrics hold per-step CE and exit mass, the mean entropy and the expected exit step.
+  lm_weights "exit" (Ouro): gradients flow through every step's CE, weighted by p(t), and through the
+  gate. "uniform" replaces the first term by sum_t p(t) sg(CE_t) + mean_t CE_t - sg(mean_t CE_t): the
+  same value, the gate's gradient unchanged, but the LM's gradient weights every step by 1/T. With
+  "exit" and beta = 0 the gate puts its mass on the step with the lowest CE early in training, the other
+  steps then get ~0 weight and never catch up, so the choice locks in; "uniform" keeps every step
+  trained, so the mass can move to deeper steps once they become better (experiments/RESULTS.md, claim c).
+
+  Returns (loss, metrics) where the metrics hold per-step CE and exit mass, the mean entropy and the
+  expected exit step.
   """
   mask_BS = loss_mask_BS.astype(ce_TBS.dtype)
   log_p_TBS = exit_log_probs(gate_logits_TBS)
   p_TBS = jnp.exp(log_p_TBS)
-  expected_ce_BS = jnp.sum(p_TBS * ce_TBS, axis=0)
+  if lm_weights == "exit":
+    expected_ce_BS = jnp.sum(p_TBS * ce_TBS, axis=0)
+  elif lm_weights == "uniform":
+    mean_ce_BS = jnp.mean(ce_TBS, axis=0)
+    expected_ce_BS = (jnp.sum(p_TBS * jax.lax.stop_gradient(ce_TBS), axis=0)
+                      + mean_ce_BS - jax.lax.stop_gradient(mean_ce_BS))
+  else:
+    raise ValueError(f"unknown lm_weights {lm_weights!r}")
   entropy_BS = entropy(log_p_TBS)
   if prior == "uniform":
     regulariser_BS = -entropy_BS

@@ -99,3 +99,23 @@ def test_stage2_gate_loss_by_hand():
   np.testing.assert_allclose(exits.stage2_gate_loss(ce, gates, MASK_11), expected, rtol=1e-5)
   grad_ce = jax.grad(lambda c: exits.stage2_gate_loss(c, gates, MASK_11))(ce)
   np.testing.assert_array_equal(grad_ce, 0.0)  # the LM's losses are detached
+
+
+def test_uniform_lm_weights_keep_the_loss_and_the_gate_gradient_and_weight_each_step_one_over_T():
+  """lm_weights="uniform": same value and gate gradient as "exit"; dL/dCE_t = mask / (tokens x T) by hand."""
+  rng = np.random.default_rng(0)
+  ce = jnp.asarray(rng.uniform(0.5, 3.0, (4, 2, 3)))
+  gates = jnp.asarray(rng.normal(size=(4, 2, 3)))
+  mask = jnp.array([[1.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
+
+  def loss(lm_weights):
+    return lambda c, g: exits.stage1_loss(c, g, mask, beta=0.05, lm_weights=lm_weights)[0]
+
+  (d_ce_exit, d_gate_exit), (d_ce_uniform, d_gate_uniform) = (
+      jax.grad(loss(w), argnums=(0, 1))(ce, gates) for w in ("exit", "uniform"))
+  np.testing.assert_allclose(loss("uniform")(ce, gates), loss("exit")(ce, gates), rtol=1e-12)
+  np.testing.assert_allclose(d_gate_uniform, d_gate_exit, rtol=1e-12, atol=1e-15)
+  np.testing.assert_allclose(d_ce_uniform, np.broadcast_to(mask / 4 / 4, (4, 2, 3)), rtol=1e-12)
+  np.testing.assert_allclose(d_ce_exit, exits.exit_distribution(gates) * mask / 4, rtol=1e-12)
+  with pytest.raises(ValueError, match="lm_weights"):
+    exits.stage1_loss(ce, gates, mask, beta=0.0, lm_weights="p")

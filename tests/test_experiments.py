@@ -34,14 +34,15 @@ def _run_fast(name: str, tmp_path) -> dict:
 
 def test_c_entropy_fast(tmp_path):
   results = _run_fast("exp_c_entropy", tmp_path)
-  assert sorted(results["runs"]) == ["beta0", "beta0.05", "beta0.1", "geometric"]
+  assert sorted(results["runs"]) == ["beta0.05_s0", "beta0.1_s0", "beta0_s0", "geometric_s0"]
   for run in results["runs"].values():
     assert len(run["exit_probs"]) == 4 and abs(sum(run["exit_probs"]) - 1) < 1e-4
 
 
 def test_b_capo_fast(tmp_path):
   results = _run_fast("exp_b_capo", tmp_path)
-  assert results["runs"]["T1"]["params"] == results["runs"]["T4"]["params"]
+  assert results["runs"]["T1_s0"]["params"] == results["runs"]["T4_s0"]["params"]
+  assert len(results["T4_over_T1_per_seed"]) == 1 and results["world_bits"] == 2048 * 16 * 4
 
 
 @pytest.mark.slow

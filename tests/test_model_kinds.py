@@ -1,6 +1,7 @@
 """Each model kind's facts (loopjax.model.KINDS) against values listed and computed by hand."""
 
 import jax
+import numpy as np
 import pytest
 
 from helpers import tiny_config
@@ -63,3 +64,33 @@ def test_stack_key_holds_the_looped_layers(cfg, stack_key):
 def test_flops_per_token_by_hand(cfg, forward):
   assert flops_per_token(cfg.model, 16, training=False) == forward
   assert flops_per_token(cfg.model, 16) == 3 * forward
+
+
+def test_gate_bias_init_shifts_every_initial_gate_logit_by_exactly_the_bias():
+  """model.gate_bias_init is the gate's bias at init; the rest of the model draws the same numbers."""
+  import jax.numpy as jnp
+  from flax import nnx
+  from loopjax.model import build_model
+  tokens_BS = jnp.arange(2 * 16).reshape(2, 16) % 64
+  gates = {}
+  for bias in (0.0, -2.0):
+    model = build_model(tiny_config(gate_bias_init=bias).model, nnx.Rngs(0))
+    assert float(model.exit_gate.bias[...]) == bias
+    _, gates[bias] = model.step_losses(tokens_BS, tokens_BS)
+  np.testing.assert_allclose(gates[-2.0], gates[0.0] - 2.0, rtol=0, atol=1e-5)
+
+
+def test_depth_scaled_init_scales_only_the_residual_outputs_by_the_unrolled_depth():
+  """wo and w_proj shrink by 1/sqrt(2 (prelude + layers x loops + coda)) = 1/sqrt(2 x 8); nothing else moves."""
+  from flax import nnx
+  from loopjax.config import ConfigError, validate
+  from loopjax.model import build_model
+  plain, scaled = (build_model(loop_residual_config(depth_scaled_init=flag).model, nnx.Rngs(0)) for flag in (False, True))
+  factor = (2 * (1 + 2 * 3 + 1)) ** -0.5
+  for stack in ("prelude", "block", "coda"):
+    for name in getattr(plain, stack).names:
+      want = np.asarray(getattr(getattr(plain, stack), name)[...]) * (factor if name in ("wo", "w_proj") else 1.0)
+      np.testing.assert_allclose(np.asarray(getattr(getattr(scaled, stack), name)[...]), want, rtol=1e-6, atol=0)
+  np.testing.assert_array_equal(np.asarray(scaled.wte[...]), np.asarray(plain.wte[...]))
+  with pytest.raises(ConfigError, match="model.depth_scaled_init.*loop_residual"):
+    validate(tiny_config(depth_scaled_init=True), 1)

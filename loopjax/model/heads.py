@@ -105,5 +105,6 @@ def gate_logits(h_BSD: jax.Array, kernel_D: jax.Array, bias: jax.Array) -> jax.A
 class ExitGate(nnx.Module):
   """The exit gate's parameters: Linear(D -> 1) with a bias, read by `gate_logits`."""
 
-  def __init__(self, hidden: int, *, init_std: float, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, hidden: int, *, init_std: float, param_dtype, rngs: nnx.Rngs, bias_init: float = 0.0):
     create_params(self, GATE_PARAMS, (hidden,), init_std=init_std, param_dtype=param_dtype, rngs=rngs)
+    self.bias[...] = self.bias[...] + bias_init  # model.gate_bias_init: where the exit mass starts

@@ -50,6 +50,19 @@ LN_F_PARAMS = {
 }
 WPE_STD = 0.01
 LN_EPS = 1e-5
+RESIDUAL_OUTPUTS = ("wo", "w_proj")  # the projections that write into the residual stream
+
+
+def output_init_scale(cfg) -> float:
+  """The factor on init_std of RESIDUAL_OUTPUTS: 1, or 1/sqrt(2 x layer applications) with depth_scaled_init.
+
+  GPT-2 scales them by 1/sqrt(2 x layers) so the residual stream's variance stays bounded in depth. A
+  looped block adds its branches again on every loop, so the depth that counts is the unrolled one;
+  without it the looped stream grows linearly with the loop count (experiments/RESULTS.md, claim d).
+  """
+  if not cfg.depth_scaled_init:
+    return 1.0
+  return (2 * (cfg.prelude_layers + cfg.num_layers * cfg.loop_steps + cfg.coda_layers)) ** -0.5
 
 
 class LoopResidualGPT2(LoopedModel):
@@ -61,9 +74,10 @@ class LoopResidualGPT2(LoopedModel):
     self.wte = WTE.create(top_dims, init_std=cfg.init_std, **make)
     self.wpe = WPE.create(top_dims, init_std=WPE_STD, **make)
     dims = (D, cfg.num_heads, cfg.head_dim, cfg.mlp_dim)
+    scale = {name: output_init_scale(cfg) for name in RESIDUAL_OUTPUTS}
 
     def stack(n):
-      return LayerStack(n, GPT2_PARAMS, dims, init_std=cfg.init_std, **make) if n else None
+      return LayerStack(n, GPT2_PARAMS, dims, init_std=cfg.init_std, std_scale=scale, **make) if n else None
 
     self.prelude = stack(cfg.prelude_layers)
     self.block = stack(cfg.num_layers)

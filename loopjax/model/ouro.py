@@ -90,7 +90,7 @@ class LoopLM(LoopedModel):
     self.stack = LayerStack(cfg.num_layers, SANDWICH_PARAMS, dims, **make)
     self.final_norm = FINAL_NORM.create((D, V), **make)
     self.lm_head = None if cfg.tie_embeddings else head_param(D, V, **make)
-    self.exit_gate = ExitGate(D, **make)
+    self.exit_gate = ExitGate(D, bias_init=cfg.gate_bias_init, **make)
 
   def head_kernel(self) -> jax.Array:
     """[D, V]: the untied head, or the embedding's transpose when tied."""

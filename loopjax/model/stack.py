@@ -57,19 +57,22 @@ class ParamSpec:
     return nnx.Param(value, logical_axes=axes, weight_decay=self.weight_decay)
 
 
-def create_params(module: nnx.Module, table: dict, dims: tuple, **kwargs):
-  """Set `module.<name>` from each ParamSpec of `table`, in table order (which fixes the RNG draws)."""
+def create_params(module: nnx.Module, table: dict, dims: tuple, *, init_std: float, std_scale=None, **kwargs):
+  """Set `module.<name>` from each ParamSpec of `table`, in table order (which fixes the RNG draws).
+
+  `std_scale` maps some names to a factor on their init_std (e.g. depth-scaled output projections).
+  """
   for name, spec in table.items():
-    setattr(module, name, spec.create(dims, **kwargs))
+    setattr(module, name, spec.create(dims, init_std=init_std * (std_scale or {}).get(name, 1.0), **kwargs))
 
 
 class LayerStack(nnx.Module):
   """L layers' parameters stacked on a leading axis, applied with one `lax.scan`."""
 
   def __init__(self, num_layers: int, table: dict, dims: tuple, *, init_std: float, param_dtype,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, std_scale=None):
     self.names = tuple(table)
-    create_params(self, table, dims, init_std=init_std, param_dtype=param_dtype, rngs=rngs,
+    create_params(self, table, dims, init_std=init_std, std_scale=std_scale, param_dtype=param_dtype, rngs=rngs,
                   num_layers=num_layers)
 
   def stacked(self) -> dict:

@@ -30,7 +30,7 @@ def stage1_objective(cfg, ce_TBS, gate_TBS, loss_mask_BS):
   """The Stage I loss and its metrics with `cfg.objective`'s settings."""
   o = cfg.objective
   return exits.stage1_loss(ce_TBS, gate_TBS, loss_mask_BS, beta=o.beta, prior=o.prior,
-                           geometric_lambda=o.geometric_lambda)
+                           geometric_lambda=o.geometric_lambda, lm_weights=o.lm_weights)
 
 
 def objective(cfg, params, batch: dict):
