@@ -1,7 +1,7 @@
 """Print a config's resolved keys and values: loopjax config --config configs/smoke.py [--config.a.b=V ...].
 
 `--keys` lists every key instead, with its default and the comment that documents it in
-loopjax/config.py (or config_longrun.py): the reference of what can be overridden.
+loopjax/config.py (or config_longrun.py, config_checkpoint.py): the reference of what can be overridden.
 """
 
 import json
@@ -53,9 +53,9 @@ def _flat(node, prefix: str = ""):
 
 def key_help() -> dict[str, str]:
   """Dotted key -> its comment in the source (the comment lines above a key and the one after it)."""
-  from loopjax import config, config_longrun
-  helps, sections, pending = {}, {"t": "train"}, []
-  for module in (config, config_longrun):
+  from loopjax import config, config_checkpoint, config_longrun
+  helps, sections, pending = {}, {"t": "train", "k": "checkpoint"}, []
+  for module in (config, config_longrun, config_checkpoint):
     for line in pathlib.Path(module.__file__).read_text().splitlines():
       if m := _SECTION.match(line):
         sections[m.group(2)] = m.group(1)
