@@ -73,9 +73,13 @@ def final_eval(workdir: str) -> dict:
 
 
 def mean_spread(values: list[float]) -> dict:
-  """Mean, sample standard deviation (0 for one value), min and max."""
-  spread = statistics.stdev(values) if len(values) > 1 else 0.0
-  return {"mean": statistics.fmean(values), "std": spread, "min": min(values), "max": max(values), "n": len(values)}
+  """Mean, sample standard deviation (0 for one value), min, max, and the 95% t-interval of the mean."""
+  from scipy import stats
+  mean, n = statistics.fmean(values), len(values)
+  spread = statistics.stdev(values) if n > 1 else 0.0
+  half = float(stats.t.ppf(0.975, n - 1)) * spread / n ** 0.5 if n > 1 else float("inf")
+  return {"mean": mean, "std": spread, "min": min(values), "max": max(values), "n": n,
+          "ci95": [mean - half, mean + half]}
 
 
 def write_results(out: str, results: dict):

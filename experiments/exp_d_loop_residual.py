@@ -4,9 +4,13 @@
 The corpus every machine has: this Python's standard library sources (the top-level `*.py` files),
 one document per file, byte tokenizer, prepared with `loopjax prepare`; every 10th file (sorted by
 name) is held out for validation, so validation is unseen files, not unseen lines of seen files.
-The models are GPT-2 style (`model.kind = loop_residual`) at toy width.
+The models are GPT-2 style (`model.kind = loop_residual`) at toy width, each at its best peak LR from
+exp_d_diagnose.py's sweep (6x6: 3e-4; 12x1 and 6x1: 1e-3); 6x6_scaled is 6x6 with its residual
+branches' output projections scaled over the unrolled depth (model.depth_scaled_init), the change the
+diagnosis found to help. `--lr` gives every model one LR instead (the first run: --lr 1e-3 --steps 800).
 
-    python experiments/exp_d_loop_residual.py [--fast] [--out runs/experiments/d_loop_residual]
+    python experiments/exp_d_loop_residual.py [--fast] [--steps N] [--seeds 0,1,2] [--lr X]
+        [--variants 6x6_scaled,12x1,6x1] [--out runs/experiments/d_loop_residual]
 """
 
 import glob
@@ -14,11 +18,14 @@ import json
 import os
 import sys
 import sysconfig
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 VARIANTS = {"6x6": (6, 6), "12x1": (12, 1), "6x1": (6, 1)}  # name -> (layers, loops)
+BEST_LR = {"6x6": 3e-4, "6x6_scaled": 3e-4, "12x1": 1e-3, "6x1": 1e-3}  # exp_d_diagnose.py's sweep
+SEEDS = (0, 1, 2)
 STEPS = 800
 HELD_OUT_EVERY = 10
 
@@ -57,8 +64,8 @@ def prepare(out: str, fast: bool) -> tuple[str, str]:
   return dirs[0], dirs[1]
 
 
-def config(layers: int, loops: int, train_dir: str, val_dir: str, fast: bool):
-  c = common.base_config(train_dir, STEPS, fast=fast)
+def config(layers: int, loops: int, train_dir: str, val_dir: str, fast: bool, seed: int = 0, steps: int = STEPS):
+  c = common.base_config(train_dir, steps, fast=fast, seed=seed)
   common.tiny_model(c, vocab=320, hidden=64, layers=layers, loop_steps=loops)
   m = c.model
   m.kind, m.num_kv_heads, m.mlp_dim, m.tie_embeddings, m.max_positions = "loop_residual", 4, 256, True, 128
@@ -69,18 +76,42 @@ def config(layers: int, loops: int, train_dir: str, val_dir: str, fast: bool):
   return c
 
 
+def variant_config(name: str, seed: int, lr: float, train_dir: str, val_dir: str, fast: bool, steps: int):
+  """`name` from BEST_LR at peak LR `lr` (end 0.3 x lr, as the sweep): 6x6_scaled is 6x6 with depth_scaled_init."""
+  layers, loops = VARIANTS[name.removesuffix("_scaled")]
+  c = config(layers, loops, train_dir, val_dir, fast, seed, steps)
+  c.optim.lr, c.optim.end_lr = lr, 0.3 * lr
+  c.model.depth_scaled_init = name.endswith("_scaled")
+  return c
+
+
 def main(argv=None) -> dict:
-  args = common.parse_args(__doc__, "d_loop_residual", argv)
+  import argparse
+  parser = argparse.ArgumentParser(add_help=False)
+  parser.add_argument("--lr", type=float, default=0.0, help="one peak LR for every model (0: each its best)")
+  extra, rest = parser.parse_known_args(argv)
+  args = common.parse_args(__doc__, "d_loop_residual", rest)
+  names, seeds = common.pick(args, BEST_LR, SEEDS)
+  steps = args.steps or STEPS
   train_dir, val_dir = prepare(args.out, args.fast)
-  out = {}
-  for name, (layers, loops) in VARIANTS.items():
-    workdir = common.train(config(layers, loops, train_dir, val_dir, args.fast), os.path.join(args.out, name))
-    out[name] = {"val_loss_nats_per_byte": common.final_eval(workdir)[f"eval_T{loops}/ce_per_step"][-1],
-                 "layers": layers, "loops": loops}
-  c = config(6, 6, train_dir, val_dir, args.fast).train
-  results = {"steps": c.steps, "fast": args.fast, "tokens_per_run": c.steps * c.batch_size * c.seq_len, "runs": out}
+  runs, curves = {}, {}
+  for name in names:
+    for seed in seeds:
+      cfg = variant_config(name, seed, extra.lr or BEST_LR[name], train_dir, val_dir, args.fast, steps)
+      start, workdir = time.time(), os.path.join(args.out, f"{name}_s{seed}")
+      common.train(cfg, workdir)
+      key = f"eval_T{cfg.model.loop_steps}/ce_per_step"
+      runs[f"{name}_s{seed}"] = {"variant": name, "seed": seed, "lr": cfg.optim.lr, "wall_s": round(time.time() - start, 1),
+                                 "val_loss_nats_per_byte": common.final_eval(workdir)[key][-1]}
+      curves.setdefault(name, []).append(common.eval_curve(workdir, key))
+  per_variant = {name: common.mean_spread([r["val_loss_nats_per_byte"] for r in runs.values() if r["variant"] == name])
+                 for name in names}
+  t = cfg.train
+  results = {"steps": t.steps, "fast": args.fast, "tokens_per_run": t.steps * t.batch_size * t.seq_len,
+             "runs": runs, "val_loss": per_variant}
   common.write_results(args.out, results)
-  common.plot([os.path.join(args.out, name) for name in VARIANTS], os.path.join(args.out, "d_loop_residual.png"))
+  common.plot_bands([{"title": "held-out loss (unseen stdlib files)", "ylabel": "nats / byte", "groups": curves}],
+                    os.path.join(args.out, "d_loop_residual.png"))
   return results
 
 

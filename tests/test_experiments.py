@@ -54,7 +54,8 @@ def test_a_manipulation_fast(tmp_path):
 @pytest.mark.slow
 def test_d_loop_residual_fast(tmp_path):
   results = _run_fast("exp_d_loop_residual", tmp_path)
-  assert sorted(results["runs"]) == ["12x1", "6x1", "6x6"]
+  assert sorted(results["runs"]) == ["12x1_s0", "6x1_s0", "6x6_s0", "6x6_scaled_s0"]
+  assert results["runs"]["6x6_s0"]["lr"] == 3e-4 and sorted(results["val_loss"]) == ["12x1", "6x1", "6x6", "6x6_scaled"]
   assert os.path.exists(tmp_path / "data" / "val" / "manifest.json")
 
 
