@@ -97,6 +97,12 @@ def plot(workdirs: list[str], path: str):
   print(f"wrote {path}")
 
 
+def train_curve(workdir: str, key: str) -> tuple[list[int], list[float]]:
+  """(steps, values) of a training metric over the run."""
+  from loopjax.plotting.runs import load
+  return load(workdir, "").series(key)
+
+
 def eval_curve(workdir: str, key: str, index: int = -1) -> tuple[list[int], list[float]]:
   """(steps, values) of a held-out metric over training; `index` picks one loop step of a per-step list."""
   from loopjax.plotting.runs import load
@@ -105,10 +111,10 @@ def eval_curve(workdir: str, key: str, index: int = -1) -> tuple[list[int], list
 
 
 def plot_bands(panels: list[dict], path: str):
-  """One panel per dict {title, ylabel, groups: {label: [(steps, values) per seed]}, mark: (y, text) or None}.
+  """One panel per dict {title, ylabel, groups: {label: [(steps, values) per seed]}, marks: [(y, text)]}.
 
   Each group is drawn as its seed mean with a band from the seeds' min to max (the spread three seeds
-  can show); `mark` draws the decision rule's threshold as a dotted line.
+  can show); `marks` draws the decision rule's thresholds as dotted lines.
   """
   import matplotlib
   matplotlib.use("Agg")
@@ -121,9 +127,8 @@ def plot_bands(panels: list[dict], path: str):
       table = np.array([[dict(zip(s, v))[x] for x in steps] for s, v in curves])
       line, = ax.plot(steps, table.mean(axis=0), label=f"{label} (n={len(curves)})")
       ax.fill_between(steps, table.min(axis=0), table.max(axis=0), color=line.get_color(), alpha=0.2)
-    if panel.get("mark"):
-      y, text = panel["mark"]
-      ax.axhline(y, color="gray", linestyle=":", label=text)
+    for (y, text), style in zip(panel.get("marks", ()), (":", "--", "-.")):
+      ax.axhline(y, color="gray", linestyle=style, label=text)
     ax.set(title=panel["title"], xlabel="step", ylabel=panel["ylabel"])
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)

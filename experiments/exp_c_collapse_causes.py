@@ -17,7 +17,7 @@ Numbers: final p(t) and entropy, training CE per step early (first log rows) and
 step p(1) first exceeded 0.9, held-out exact match per step.
 
     python experiments/exp_c_collapse_causes.py [--fast] [--out runs/experiments/c_collapse_causes]
-        [--seed N] [--variants base,lm_uniform]
+        [--seeds 0,1,2] [--variants base,lm_uniform]
 """
 
 import json
@@ -73,23 +73,23 @@ def summary(workdir: str) -> dict:
 
 
 def main(argv=None) -> dict:
-  import argparse
-  parser = argparse.ArgumentParser(add_help=False)
-  parser.add_argument("--seed", type=int, default=0, help="another seed: runs go to OUT/seed<N>/")
-  parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of the runs")
-  extra, rest = parser.parse_known_args(argv)
-  args = common.parse_args(__doc__, "c_collapse_causes", rest)
-  out = os.path.join(args.out, f"seed{extra.seed}") if extra.seed else args.out
-  os.makedirs(out, exist_ok=True)
-  workdirs, wall = {}, {}
-  for name in extra.variants.split(","):
-    start = time.time()
-    workdirs[name] = common.train(config(name, args.fast, extra.seed), os.path.join(out, name))
-    wall[name] = round(time.time() - start, 1)
-  results = {"steps": 4 if args.fast else STEPS, "fast": args.fast,
-             "runs": {name: dict(summary(w), wall_s=wall[name]) for name, w in workdirs.items()}}
-  common.write_results(out, results)
-  common.plot(list(workdirs.values()), os.path.join(out, "c_collapse_causes.png"))
+  args = common.parse_args(__doc__, "c_collapse_causes", argv)
+  names, seeds = common.pick(args, VARIANTS)
+  workdirs, wall = {}, {}  # (name, seed) -> ...; seed 0 in OUT/<name>, seed N in OUT/seed<N>/<name>
+  for seed in seeds:
+    for name in names:
+      start = time.time()
+      workdir = os.path.join(args.out, f"seed{seed}" if seed else "", name)
+      workdirs[name, seed] = common.train(config(name, args.fast, seed), workdir)
+      wall[name, seed] = round(time.time() - start, 1)
+  results = {"steps": 4 if args.fast else STEPS, "fast": args.fast, "seeds": seeds,
+             "runs": {f"{name}_s{seed}": dict(summary(w), wall_s=wall[name, seed]) for (name, seed), w in workdirs.items()}}
+  common.write_results(args.out, results)
+  common.plot([w for (_, seed), w in workdirs.items() if seed == seeds[0]], os.path.join(args.out, "c_collapse_causes.png"))
+  if len(seeds) > 1:
+    groups = {name: [common.train_curve(workdirs[name, seed], "expected_exit_step") for seed in seeds] for name in names}
+    common.plot_bands([{"title": "expected exit step (training)", "ylabel": "E[exit]", "groups": groups,
+                        "marks": [(2.0, "rule: lm_uniform > 2")]}], os.path.join(args.out, "c_collapse_seeds.png"))
   return results
 
 

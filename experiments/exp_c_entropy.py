@@ -39,9 +39,19 @@ def summary(workdir: str) -> dict:
   ev = common.final_eval(workdir)
   probs = last["exit_probs"]
   return {"exit_probs": probs, "max_exit_prob": max(probs), "argmax_exit_step": probs.index(max(probs)) + 1,
-          "exit_entropy": -sum(p * math.log(p) for p in probs if p > 0), "expected_exit_step": last["expected_exit_step"],
+          "exit_entropy": entropy_nats(probs), "expected_exit_step": last["expected_exit_step"],
           "eval_ce_per_step": ev["eval_T4/ce_per_step"], "eval_exact_match_per_step": ev["eval_T4/exact_match_per_step"],
           "eval_exact_match_q_exit": ev["eval_T4/exact_match_q_exit"]}
+
+
+def entropy_nats(probs) -> float:
+  return -sum(p * math.log(p) for p in probs if p > 0)
+
+
+def distribution_entropy(workdir: str) -> tuple[list[int], list[float]]:
+  """(steps, entropy of each logged exit distribution p(t), the mean over tokens): the rule's quantity."""
+  steps, probs = common.train_curve(workdir, "exit_probs")
+  return steps, [entropy_nats(p) for p in probs]
 
 
 def main(argv=None) -> dict:
@@ -51,11 +61,20 @@ def main(argv=None) -> dict:
   workdirs = {f"{name}_s{seed}": common.train(config(*VARIANTS[name], args.fast, seed, steps),
                                               os.path.join(args.out, f"{name}_s{seed}"))
               for name in names for seed in seeds}
-  results = {"steps": 4 if args.fast else steps, "fast": args.fast,
-             "runs": {name: summary(w) for name, w in workdirs.items()}}
+  runs = {name: summary(w) for name, w in workdirs.items()}
+  results = {"steps": 4 if args.fast else steps, "fast": args.fast, "seeds": seeds, "runs": runs}
+  if {"beta0", "beta0.1"} <= set(names):  # the pre-registered rule of RESULTS.md (claim c)
+    collapsed = all(runs[f"beta0_s{s}"]["exit_entropy"] < 0.1 for s in seeds)
+    spread = all(runs[f"beta0.1_s{s}"]["exit_entropy"] > 1.0 for s in seeds)
+    results["verdict"] = "reproduced" if collapsed and spread else "not reproduced"
   common.write_results(args.out, results)
   common.plot([w for name, w in workdirs.items() if name.endswith(f"_s{seeds[0]}")],
               os.path.join(args.out, "c_entropy.png"))
+  if len(seeds) > 1:
+    groups = {name: [distribution_entropy(workdirs[f"{name}_s{seed}"]) for seed in seeds] for name in names}
+    common.plot_bands([{"title": "exit-distribution entropy (training)", "ylabel": "nats (ln 4 = 1.386)",
+                        "groups": groups, "marks": [(0.1, "rule: beta 0 < 0.1"), (1.0, "rule: beta 0.1 > 1.0")]}],
+                      os.path.join(args.out, "c_entropy_seeds.png"))
   return results
 
 

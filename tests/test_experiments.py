@@ -62,8 +62,8 @@ def test_d_loop_residual_fast(tmp_path):
 @pytest.mark.slow
 def test_c_collapse_causes_fast(tmp_path):
   results = _run_fast("exp_c_collapse_causes", tmp_path)
-  assert sorted(results["runs"]) == sorted(["base", "gate_bias", "lr3e-4", "warm_start", "hops4", "lm_uniform"])
-  assert results["runs"]["gate_bias"]["exit_probs_first"][-1] > 0.5 > results["runs"]["base"]["exit_probs_first"][-1]
+  assert sorted(results["runs"]) == sorted(f"{n}_s0" for n in ["base", "gate_bias", "lr3e-4", "warm_start", "hops4", "lm_uniform"])
+  assert results["runs"]["gate_bias_s0"]["exit_probs_first"][-1] > 0.5 > results["runs"]["base_s0"]["exit_probs_first"][-1]
 
 
 @pytest.mark.slow
