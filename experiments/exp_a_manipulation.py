@@ -51,8 +51,10 @@ def main(argv=None) -> dict:
              "gain_over_last_fifth": {name: late_gain(c) for name, c in curves.items()}}
   results["verdict"] = verdict(results["exact_match"], results["gain_over_last_fifth"])
   common.write_results(args.out, results)
+  flops = results["exact_match"].get(f"{4 * K}x1")
+  marks = [(flops["mean"] - 0.05, f"equal-FLOPs rule: {4 * K}x1 mean - 0.05")] if flops else []
   common.plot_bands([{"title": "held-out 3-hop exact match (last loop step)", "ylabel": "exact match",
-                      "groups": curves}], os.path.join(args.out, "a_manipulation.png"))
+                      "groups": curves, "marks": marks}], os.path.join(args.out, "a_manipulation.png"))
   return results
 
 
