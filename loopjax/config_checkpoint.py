@@ -38,7 +38,7 @@ def check(k, fail):
     fail("checkpoint.keep", f"must be >= 1, got {k.keep}", "keep at least the latest checkpoint (resume needs it)")
   if k.restore_retries < 0 or k.restore_retry_seconds < 0:
     fail("checkpoint.restore_retries", f"restore_retries={k.restore_retries} and restore_retry_seconds="
-          f"{k.restore_retry_seconds} must be >= 0", "use 0 to fail at the first storage error, or a positive count")
+         f"{k.restore_retry_seconds} must be >= 0", "use 0 to fail at the first storage error, or a positive count")
   if not k.phase or "/" in k.phase:
     fail("checkpoint.phase", f"{k.phase!r} is not a usable name", "use a short name such as 'main'")
   for field in ("lease_heartbeat_seconds", "lease_timeout_minutes"):
@@ -46,5 +46,5 @@ def check(k, fail):
       fail(f"checkpoint.{field}", f"must be > 0, got {k[field]}", f"set --config.checkpoint.{field} to a positive number")
   if k.lease_heartbeat_seconds >= k.lease_timeout_minutes * 60:
     fail("checkpoint.lease_heartbeat_seconds", f"{k.lease_heartbeat_seconds:g} s is not shorter than "
-          f"checkpoint.lease_timeout_minutes={k.lease_timeout_minutes:g}, so a live run would look stale",
-          "make the heartbeat a small fraction of the timeout (defaults: 30 s and 10 min)")
+         f"checkpoint.lease_timeout_minutes={k.lease_timeout_minutes:g}, so a live run would look stale",
+         "make the heartbeat a small fraction of the timeout (defaults: 30 s and 10 min)")
