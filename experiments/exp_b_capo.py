@@ -13,7 +13,7 @@ so the curve shows whether storage has levelled off. It is a lower bound of what
 (Capo's own estimator also credits partial knowledge per value).
 
     python experiments/exp_b_capo.py [--fast] [--steps N] [--seeds 0,1,2] [--variants T1,T4]
-        [--out runs/experiments/b_capo]
+        [--people 2048] [--attributes 16] [--out runs/experiments/b_capo]
 """
 
 import json
@@ -32,43 +32,47 @@ HIDDEN = 16
 STEPS = 4000
 
 
-def config(loop_steps: int, seed: int, fast: bool, steps: int = STEPS):
+def config(loop_steps: int, seed: int, fast: bool, steps: int = STEPS, people: int = PEOPLE,
+           attributes: int = ATTRIBUTES):
   c = common.base_config("capo", steps, fast=fast, seed=seed)
-  c.data.capo_people, c.data.capo_attributes, c.data.capo_values = PEOPLE, ATTRIBUTES, VALUES
-  c.train.batch_size = 32  # 3 biographies of 34 tokens per 128-token row: ~96 biographies a step
+  c.data.capo_people, c.data.capo_attributes, c.data.capo_values = people, attributes, VALUES
+  c.train.batch_size = 32  # rows of three biographies (2 + 2 x attributes tokens each): ~96 biographies a step
+  c.train.seq_len = 128 * math.ceil(3 * (2 + 2 * attributes) / 128)
   c.eval.num_batches = 1 if fast else 8
-  vocab = 64 * math.ceil((8 + PEOPLE + ATTRIBUTES * (1 + VALUES)) / 64)
+  vocab = 64 * math.ceil((8 + people + attributes * (1 + VALUES)) / 64)
   common.tiny_model(c, vocab=vocab, hidden=HIDDEN, layers=1, loop_steps=loop_steps)
   c.model.tie_embeddings = True
   c.objective.beta = 0.1 if loop_steps > 1 else 0.0
   return c
 
 
-def bits_stored(ce_nats: float) -> float:
-  return PEOPLE * ATTRIBUTES * max(0.0, math.log2(VALUES) - ce_nats / math.log(2))
-
-
-def curve(workdir: str, loop_steps: int) -> dict:
+def curve(workdir: str, cfg) -> dict:
   """step -> bits stored, from every held-out evaluation in the run's metrics.jsonl."""
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f if line.strip()]
-  key = f"eval_T{loop_steps}/ce_per_step"
-  return {r["step"]: bits_stored(r[key][-1]) for r in rows if key in r}
+  d, key = cfg.data, f"eval_T{cfg.model.loop_steps}/ce_per_step"
+  return {r["step"]: d.capo_people * d.capo_attributes * max(0.0, math.log2(VALUES) - r[key][-1] / math.log(2))
+          for r in rows if key in r}
 
 
 def main(argv=None) -> dict:
   from loopjax.train.state import count_params
-  args = common.parse_args(__doc__, "b_capo", argv)
+  import argparse
+  parser = argparse.ArgumentParser(add_help=False)
+  parser.add_argument("--people", type=int, default=PEOPLE)
+  parser.add_argument("--attributes", type=int, default=ATTRIBUTES)
+  world, rest = parser.parse_known_args(argv)
+  args = common.parse_args(__doc__, "b_capo", rest)
   names, seeds = common.pick(args, VARIANTS, SEEDS)
   steps = args.steps or STEPS
-  world_bits = PEOPLE * ATTRIBUTES * math.log2(VALUES)
+  world_bits = world.people * world.attributes * math.log2(VALUES)
   runs, workdirs = {}, []
   for name in names:
     for seed in seeds:
-      cfg = config(VARIANTS[name], seed, args.fast, steps)
+      cfg = config(VARIANTS[name], seed, args.fast, steps, world.people, world.attributes)
       start, workdir = time.time(), os.path.join(args.out, f"{name}_s{seed}")
       common.train(cfg, workdir)
-      bits = curve(workdir, VARIANTS[name])
+      bits = curve(workdir, cfg)
       params = count_params(cfg.model)
       final = bits[max(bits)]
       runs[f"{name}_s{seed}"] = {"variant": name, "seed": seed, "params": params, "bits_stored": final,
