@@ -7,7 +7,7 @@ import tempfile
 
 import jax
 
-from loopjax.cli.runtime import skip_absent_tpu
+from loopjax.cli.runtime import patient_cpu_collectives, skip_absent_tpu
 
 
 def compile_cache(name: str) -> str:
@@ -32,6 +32,7 @@ if "HF_DATASETS_CACHE" not in os.environ:
 # As the CLI does: without a TPU, no TPU backend start-up in the test processes (libtpu's error lines, and its
 # /tmp/libtpu_lockfile, which would make a concurrent `loopjax compile --topology` fail with ABORTED).
 skip_absent_tpu()
+patient_cpu_collectives()  # as the CLI does: 8 fake devices on 2 busy cores may meet a collective > 60 s apart
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_compilation_cache_dir", compile_cache("xla-tests"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

@@ -211,3 +211,25 @@ def test_summary_names_outputs_loss_and_exit_distribution():
   assert "w/metrics.jsonl" in text and "w/tensorboard" in text and "w/checkpoints/30" in text
   preempted = format_summary(_result(preempted=True, last_metrics={}, checkpoint_dir=None))
   assert preempted.startswith("loopjax: preempted at step 30 (saved") and "checkpoint   none" in preempted
+
+
+def test_cpu_collectives_wait_for_a_starved_device_unless_the_user_set_the_limit(monkeypatch):
+  """The raised XLA:CPU rendezvous limit is added to XLA_FLAGS, a user's own value is kept, and this jaxlib
+  accepts the flag (an unknown XLA flag aborts every process at backend start)."""
+  from loopjax.cli import runtime
+  monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
+  runtime.patient_cpu_collectives()
+  assert os.environ["XLA_FLAGS"] == f"--xla_dump_to=/tmp/x {runtime.CPU_COLLECTIVE_TERMINATE_FLAG}=1800"
+  mine = f"{runtime.CPU_COLLECTIVE_TERMINATE_FLAG}=5"
+  monkeypatch.setenv("XLA_FLAGS", mine)
+  runtime.patient_cpu_collectives()
+  assert os.environ["XLA_FLAGS"] == mine
+  monkeypatch.delenv("XLA_FLAGS")
+  runtime.patient_cpu_collectives()
+  psum = ("import jax, numpy as np; jax.config.update('jax_num_cpu_devices', 4); "
+          "m = jax.make_mesh((4,), ('d',)); x = jax.device_put(np.arange(4.), jax.NamedSharding(m, jax.P('d'))); "
+          "print(float(jax.jit(jax.shard_map(lambda v: jax.lax.psum(v, 'd'), mesh=m, in_specs=jax.P('d'), "
+          "out_specs=jax.P()))(x)[0]))")
+  done = subprocess.run([sys.executable, "-c", psum], capture_output=True, text=True, timeout=120,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert done.returncode == 0 and done.stdout.strip() == "6.0", done.stderr[-2000:]

@@ -39,6 +39,7 @@ def run(argv: list[str]) -> int:
   verbose = logs.verbose_requested(argv)
   logs.set_native_level(verbose)  # before anything imports jax
   runtime.skip_absent_tpu()  # likewise: no libtpu start-up errors on a machine without a TPU
+  runtime.patient_cpu_collectives()  # before any backend starts: a starved fake device is not a hang
   module = _command(name)
   return errors.reported(name, _parse_and_run, name, module, argv, verbose=verbose)
 

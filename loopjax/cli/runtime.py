@@ -33,6 +33,26 @@ def skip_absent_tpu():
     os.environ["JAX_PLATFORMS"] = "cpu"  # for the processes this one starts
 
 
+CPU_COLLECTIVE_TERMINATE_FLAG = "--xla_cpu_collective_call_terminate_timeout_seconds"
+CPU_COLLECTIVE_TERMINATE_SECONDS = 1800
+
+
+def patient_cpu_collectives():
+  """Raises XLA:CPU's limit on how late a collective's participants may arrive, unless XLA_FLAGS sets it.
+
+  Why: XLA:CPU aborts the whole process (SIGABRT, "Termination timeout ... exceeded") when the devices of
+  a collective arrive more than 60 s apart (a warning at 20 s, the abort 40 s later). With 8 fake CPU
+  devices on a loaded 2-core host one device's thread can be starved that long inside a healthy step; CI
+  lost a whole test run to it. A run that is really stuck is loopjax's watchdog's to end
+  (`train.step_timeout`): it names what it waited for, dumps every thread's stack and exits resumably.
+  Must run before the first backend starts (XLA reads XLA_FLAGS then); the processes this one starts
+  inherit it.
+  """
+  flags = os.environ.get("XLA_FLAGS", "")
+  if CPU_COLLECTIVE_TERMINATE_FLAG not in flags:
+    os.environ["XLA_FLAGS"] = f"{flags} {CPU_COLLECTIVE_TERMINATE_FLAG}={CPU_COLLECTIVE_TERMINATE_SECONDS}".strip()
+
+
 def enable_compile_cache(path: str):
   """Compiled programs are kept across runs: a restarted or resumed run skips most of its compiling.
 
