@@ -14,13 +14,16 @@ import statistics
 from loopjax.config import default_config
 
 
-def parse_args(doc: str, name: str, argv=None) -> argparse.Namespace:
+def parse_args(doc: str, name: str, argv=None, *, lr: bool = False) -> argparse.Namespace:
+  """The flags every experiment takes; `lr`: also --lr (scripts whose runs share one peak LR setting)."""
   parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--fast", action="store_true", help="a few steps per run: checks the script, not the claim")
   parser.add_argument("--out", default=os.path.join("runs", "experiments", name), help="workdirs, JSON and plots")
   parser.add_argument("--steps", type=int, default=0, help="training steps per run (0: the script's budget)")
   parser.add_argument("--seeds", default="", help="comma-separated seeds (empty: the script's)")
   parser.add_argument("--variants", default="", help="comma-separated subset of the script's runs (empty: all)")
+  if lr:
+    parser.add_argument("--lr", type=float, default=0.0, help="one peak LR for every run (0: the script's)")
   return parser.parse_args(argv)
 
 

@@ -13,7 +13,7 @@ so the curve shows whether storage has levelled off. It is a lower bound of what
 (Capo's own estimator also credits partial knowledge per value).
 
     python experiments/exp_b_capo.py [--fast] [--steps N] [--seeds 0,1,2] [--variants T1,T4]
-        [--people 2048] [--attributes 16] [--out runs/experiments/b_capo]
+        [--people 2048] [--attributes 16] [--lr X] [--out runs/experiments/b_capo]
 """
 
 import json
@@ -33,8 +33,10 @@ STEPS = 4000
 
 
 def config(loop_steps: int, seed: int, fast: bool, steps: int = STEPS, people: int = PEOPLE,
-           attributes: int = ATTRIBUTES):
+           attributes: int = ATTRIBUTES, lr: float = 0.0):
   c = common.base_config("capo", steps, fast=fast, seed=seed)
+  if lr:  # the same WSD shape: decay to a tenth of the peak
+    c.optim.lr, c.optim.end_lr = lr, 0.1 * lr
   c.data.capo_people, c.data.capo_attributes, c.data.capo_values = people, attributes, VALUES
   c.train.batch_size = 32  # rows of three biographies (2 + 2 x attributes tokens each): ~96 biographies a step
   c.train.seq_len = 128 * math.ceil(3 * (2 + 2 * attributes) / 128)
@@ -62,14 +64,14 @@ def main(argv=None) -> dict:
   parser.add_argument("--people", type=int, default=PEOPLE)
   parser.add_argument("--attributes", type=int, default=ATTRIBUTES)
   world, rest = parser.parse_known_args(argv)
-  args = common.parse_args(__doc__, "b_capo", rest)
+  args = common.parse_args(__doc__, "b_capo", rest, lr=True)
   names, seeds = common.pick(args, VARIANTS, SEEDS)
   steps = args.steps or STEPS
   world_bits = world.people * world.attributes * math.log2(VALUES)
   runs = {}
   for name in names:
     for seed in seeds:
-      cfg = config(VARIANTS[name], seed, args.fast, steps, world.people, world.attributes)
+      cfg = config(VARIANTS[name], seed, args.fast, steps, world.people, world.attributes, args.lr)
       start, workdir = time.time(), os.path.join(args.out, f"{name}_s{seed}")
       common.train(cfg, workdir)
       bits = curve(workdir, cfg)

@@ -86,18 +86,14 @@ def variant_config(name: str, seed: int, lr: float, train_dir: str, val_dir: str
 
 
 def main(argv=None) -> dict:
-  import argparse
-  parser = argparse.ArgumentParser(add_help=False)
-  parser.add_argument("--lr", type=float, default=0.0, help="one peak LR for every model (0: each its best)")
-  extra, rest = parser.parse_known_args(argv)
-  args = common.parse_args(__doc__, "d_loop_residual", rest)
+  args = common.parse_args(__doc__, "d_loop_residual", argv, lr=True)
   names, seeds = common.pick(args, BEST_LR, SEEDS)
   steps = args.steps or STEPS
   train_dir, val_dir = prepare(args.out, args.fast)
   runs, curves = {}, {}
   for name in names:
     for seed in seeds:
-      cfg = variant_config(name, seed, extra.lr or BEST_LR[name], train_dir, val_dir, args.fast, steps)
+      cfg = variant_config(name, seed, args.lr or BEST_LR[name], train_dir, val_dir, args.fast, steps)
       start, workdir = time.time(), os.path.join(args.out, f"{name}_s{seed}")
       common.train(cfg, workdir)
       key = f"eval_T{cfg.model.loop_steps}/ce_per_step"
