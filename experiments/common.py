@@ -11,7 +11,11 @@ import json
 import os
 import statistics
 
+from loopjax.cli import runtime
 from loopjax.config import default_config
+
+runtime.skip_absent_tpu()  # as the CLI does, before any backend starts: no libtpu errors, no XLA:CPU abort
+runtime.patient_cpu_collectives()  # when a collective's devices meet > 60 s apart on busy cores
 
 
 def parse_args(doc: str, name: str, argv=None, *, lr: bool = False) -> argparse.Namespace:
