@@ -31,9 +31,10 @@ def parse_args(doc: str, name: str, argv=None, *, lr: bool = False) -> argparse.
   return parser.parse_args(argv)
 
 
-def pick(args, variants, seeds=(0,)):
-  """The runs `args` asks for: (variant names, seeds), the script's own where a flag is empty."""
-  names = [v for v in args.variants.split(",") if v] or list(variants)
+def pick(args, variants, seeds=(0,), default=None):
+  """The runs `args` asks for: (variant names, seeds), the script's own (`default`, else every one of
+  `variants`) where a flag is empty."""
+  names = [v for v in args.variants.split(",") if v] or list(default or variants)
   unknown = sorted(set(names) - set(variants))
   if unknown:
     raise SystemExit(f"--variants: unknown {unknown}; this script runs {list(variants)}")
@@ -115,6 +116,17 @@ def eval_curve(workdir: str, key: str, index: int = -1) -> tuple[list[int], list
   from loopjax.plotting.runs import load
   steps, values = load(workdir, "").eval_series(key)
   return steps, [v[index] if isinstance(v, list) else v for v in values]
+
+
+def late_gain(curves) -> float:
+  """Mean over seeds of (final value - value at 4/5 of the run), from (steps, values) curves: is a model
+  still improving? (Positive for a rising quantity, negative for a falling loss.)"""
+  gains = []
+  for steps, values in curves:
+    at = dict(zip(steps, values))
+    earlier = min(steps, key=lambda s: abs(s - 0.8 * steps[-1]))
+    gains.append(at[steps[-1]] - at[earlier])
+  return sum(gains) / len(gains)
 
 
 def plot_bands(panels: list[dict], path: str):

@@ -48,7 +48,7 @@ def main(argv=None) -> dict:
             for name, workdirs in runs.items()}
   results = {"steps": 4 if args.fast else steps, "fast": args.fast, "seeds": list(seeds),
              "exact_match": {name: dict(common.mean_spread(s), per_seed=s) for name, s in scores.items()},
-             "gain_over_last_fifth": {name: late_gain(c) for name, c in curves.items()}}
+             "gain_over_last_fifth": {name: common.late_gain(c) for name, c in curves.items()}}
   results["verdict"] = verdict(results["exact_match"], results["gain_over_last_fifth"])
   common.write_results(args.out, results)
   flops = results["exact_match"].get(f"{4 * K}x1")
@@ -56,16 +56,6 @@ def main(argv=None) -> dict:
   common.plot_bands([{"title": "held-out 3-hop exact match (last loop step)", "ylabel": "exact match",
                       "groups": curves, "marks": marks}], os.path.join(args.out, "a_manipulation.png"))
   return results
-
-
-def late_gain(curves) -> float:
-  """Mean over seeds of (final value - value at 4/5 of the run): is the model still improving?"""
-  gains = []
-  for steps, values in curves:
-    at = dict(zip(steps, values))
-    earlier = min(steps, key=lambda s: abs(s - 0.8 * steps[-1]))
-    gains.append(at[steps[-1]] - at[earlier])
-  return sum(gains) / len(gains)
 
 
 def verdict(em: dict, gains: dict) -> dict:

@@ -15,15 +15,15 @@ pytest.importorskip("matplotlib")
 EXPERIMENTS = os.path.join(os.path.dirname(__file__), "..", "experiments")
 
 
-def _main(name: str):
+def _module(name: str):
   spec = importlib.util.spec_from_file_location(name, os.path.join(EXPERIMENTS, f"{name}.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.main
+  return module
 
 
 def _run_fast(name: str, tmp_path) -> dict:
-  results = _main(name)(["--fast", "--out", str(tmp_path)])
+  results = _module(name).main(["--fast", "--out", str(tmp_path)])
   with open(tmp_path / "results.json") as f:
     assert json.load(f) == json.loads(json.dumps(results))
   with open(tmp_path / f"{name.removeprefix('exp_')}.png", "rb") as f:
@@ -54,9 +54,27 @@ def test_a_manipulation_fast(tmp_path):
 @pytest.mark.slow
 def test_d_loop_residual_fast(tmp_path):
   results = _run_fast("exp_d_loop_residual", tmp_path)
-  assert sorted(results["runs"]) == ["12x1_s0", "6x1_s0", "6x6_s0", "6x6_scaled_s0"]
-  assert results["runs"]["6x6_s0"]["lr"] == 3e-4 and sorted(results["val_loss"]) == ["12x1", "6x1", "6x6", "6x6_scaled"]
+  assert sorted(results["runs"]) == ["12x1_s0", "6x1_s0", "6x6_scaled_s0"]
+  assert results["runs"]["6x6_scaled_s0"]["lr"] == 3e-4 and results["runs"]["12x1_s0"]["lr"] == 1e-3
+  assert set(results["verdict"]) == {"still_improving", "close_to_12x1", "beats_6x1"}
   assert os.path.exists(tmp_path / "data" / "val" / "manifest.json")
+
+
+def test_d_verdict_applies_the_preregistered_rule():
+  """Hand-made seed results against the rule of RESULTS.md (claim d): lower loss is better."""
+  experiment = _module("exp_d_loop_residual")
+  verdict = experiment.verdict
+  def loss(*seeds):
+    return dict(experiment.common.mean_spread(list(seeds)), per_seed=list(seeds))
+  falling, flat = {"6x6_scaled": -0.05, "12x1": -0.01, "6x1": 0.0}, {"6x6_scaled": 0.0, "12x1": 0.0, "6x1": 0.0}
+  clear = verdict({"6x6_scaled": loss(2.40, 2.41, 2.42), "12x1": loss(2.38, 2.39, 2.40), "6x1": loss(2.50, 2.51, 2.52)},
+                  falling)
+  assert clear == {"still_improving": ["6x6_scaled"], "close_to_12x1": "reproduced", "beats_6x1": "reproduced"}
+  one_seed_loses = verdict({"6x6_scaled": loss(2.40, 2.41, 2.53), "12x1": loss(2.30, 2.30, 2.30),
+                            "6x1": loss(2.50, 2.51, 2.52)}, flat)
+  assert one_seed_loses["close_to_12x1"] == "not reproduced" and one_seed_loses["beats_6x1"] == "not established"
+  worse = verdict({"6x6_scaled": loss(2.60, 2.61, 2.62), "6x1": loss(2.50, 2.51, 2.52)}, flat)
+  assert worse == {"still_improving": [], "beats_6x1": "not reproduced"}
 
 
 @pytest.mark.slow
