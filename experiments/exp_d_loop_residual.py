@@ -58,14 +58,24 @@ def prepare(out: str, fast: bool) -> tuple[str, str]:
   for split, paths in splits.items():
     source, target = os.path.join(out, "data", f"{split}.jsonl"), os.path.join(out, "data", split)
     os.makedirs(os.path.dirname(source), exist_ok=True)
-    with open(source, "w") as f:
-      for path in paths:
-        with open(path, encoding="utf-8") as src:
-          f.write(json.dumps({"text": src.read(), "file": os.path.basename(path)}) + "\n")
+    lines = []
+    for path in paths:
+      with open(path, encoding="utf-8") as src:
+        lines.append(json.dumps({"text": src.read(), "file": os.path.basename(path)}) + "\n")
+    if not _holds(source, "".join(lines)):  # rewriting it would change its mtime, and prepare would refuse
+      with open(source, "w") as f:         # the corpus it made as one of other inputs
+        f.writelines(lines)
     if cli(["prepare", source, "--output", target, "--tokenizer", "byte", "--text_field", "text"]) != 0:
       raise SystemExit(f"loopjax prepare failed for {source}")
     dirs.append(target)
   return dirs[0], dirs[1]
+
+
+def _holds(path: str, text: str) -> bool:
+  if not os.path.exists(path):
+    return False
+  with open(path, encoding="utf-8") as f:
+    return f.read() == text
 
 
 def config(layers: int, loops: int, train_dir: str, val_dir: str, fast: bool, seed: int = 0, steps: int = STEPS):
