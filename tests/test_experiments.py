@@ -42,7 +42,25 @@ def test_c_entropy_fast(tmp_path):
 def test_b_capo_fast(tmp_path):
   results = _run_fast("exp_b_capo", tmp_path)
   assert results["runs"]["T1_s0"]["params"] == results["runs"]["T4_s0"]["params"]
-  assert len(results["T4_over_T1_per_seed"]) == 1 and results["world_bits"] == 2048 * 16 * 4
+  assert len(results["T4_over_T1_per_seed"]) == 1 and results["world_bits"] == 512 * 32 * 4
+  assert "claim" in results["verdict"]
+
+
+def test_b_verdict_applies_the_preregistered_rule():
+  """Hand-made curves against the rule of RESULTS.md (claim b): levelled off, below the world, ratio band."""
+  verdict = _module("exp_b_capo").verdict
+  def run(plateau, final):  # bits at 10 evaluations of a 1000-step run: rising, a plateau from step 600, the decay
+    return {"curve": {100 * i: plateau * min(i, 6) / 6 for i in range(1, 9)} | {900: final, 1000: final},
+            "bits_stored": final}
+  world = 100_000
+  flat = {"T1_s0": run(20_000, 28_000), "T4_s0": run(19_000, 27_000)}
+  assert verdict(flat, [27 / 28], world) == {"not_levelled_off": [], "near_the_whole_world": [], "claim": "reproduced"}
+  assert verdict(flat, [0.80, 0.82], world)["claim"] == "not reproduced"
+  assert verdict(flat, [0.97, 0.85], world)["claim"] == "not established"  # mean 0.91, one seed outside
+  rising = dict(flat, T4_s0={"curve": {100 * i: 3_000 * i for i in range(1, 11)}, "bits_stored": 30_000})
+  assert verdict(rising, [1.0], world) == {"not_levelled_off": ["T4_s0"], "near_the_whole_world": [],
+                                          "claim": "not established"}
+  assert verdict(flat, [1.0], 30_000)["near_the_whole_world"] == ["T1_s0", "T4_s0"]
 
 
 @pytest.mark.slow
