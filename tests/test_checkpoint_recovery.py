@@ -154,6 +154,8 @@ def test_newest_damaged_falls_back_to_the_previous_and_sets_only_it_aside(traine
     (json.JSONDecodeError("Unterminated string", "{", 0), errors.DAMAGED),
     (ck.DamagedCheckpointError("'params' fails its checksum"), errors.DAMAGED),
     (ValueError("UNAVAILABLE: HTTP response code: 503"), errors.TRANSIENT),
+    (ValueError('Error reading "params/manifest.ocdbt": HTTP response code: 503'), errors.TRANSIENT),
+    (OSError("GET https://storage.googleapis.com/b/o: status 429 rate limit"), errors.TRANSIENT),
     (ValueError("DEADLINE_EXCEEDED: deadline exceeded"), errors.TRANSIENT),
     (TimeoutError("timed out"), errors.TRANSIENT),
     (ConnectionResetError(104, "Connection reset by peer"), errors.TRANSIENT),
@@ -169,3 +171,18 @@ def test_classify_reads_the_status_codes_through_the_cause_chain(error, kind):
       raise Exception("Encountered error while reading array index") from e  # as Orbax wraps them
   except Exception as wrapped:
     assert errors.classify(wrapped) == kind
+
+
+def test_a_number_in_orbaxs_spec_dump_is_not_an_http_status():
+  """A truncated file read as "transient" in CI: Orbax's wrapper prints the array's TensorStore spec, and
+  that checkpoint's random OCDBT uuid held "503"."""
+  truncated = ValueError('OUT_OF_RANGE: Error reading "stack.w_up/0.0.0" in OCDBT database: Requested byte '
+                         "range [131072, 212992) is not valid for value of size 189388")
+  try:
+    try:
+      raise truncated
+    except Exception as e:
+      raise Exception("Encountered error while reading array index: (slice(0, 128, 1),). See full TensorStore "
+                      "details: {'driver': 'ocdbt', 'config': {'uuid': 'f0450300035975092f3fac40a7b40150'}}") from e
+  except Exception as wrapped:
+    assert errors.classify(wrapped) == errors.DAMAGED

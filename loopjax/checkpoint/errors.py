@@ -33,8 +33,11 @@ _TRANSIENT_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED")
 _STATUS = re.compile(r"^([A-Z_]{4,}): ")
 # FAILED_PRECONDITION is also "the bucket's generation changed", so only its decoding messages count.
 _DAMAGE_TEXT = ("Not enough data", "Error decoding", "Unterminated string", "not found in the checkpoint")
-_TRANSIENT_TEXT = ("503", "502", "504", "429", "Service Unavailable", "Too Many Requests", "Connection reset",
+_TRANSIENT_TEXT = ("Service Unavailable", "Too Many Requests", "Bad Gateway", "Gateway Timeout", "Connection reset",
                    "timed out")
+# An HTTP status only where the message says it is one: Orbax wraps errors in the array's whole TensorStore
+# spec, whose random OCDBT uuid ('f0450300035975...') once held "503" and made a truncated file "transient".
+_TRANSIENT_HTTP = re.compile(r"\b(?:HTTP|status|code)\b[^0-9\n]{0,24}\b(?:429|50[234])\b", re.IGNORECASE)
 _TRANSIENT_ERRNO = (errno.ECONNRESET, errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH,
                     errno.ECONNABORTED, errno.EPIPE)
 
@@ -102,7 +105,7 @@ def _kind_of_one(error: BaseException) -> str | None:
     return TRANSIENT
   if code and code.group(1) in _DAMAGE_CODES:
     return DAMAGED
-  if any(text in message for text in _TRANSIENT_TEXT):
+  if any(text in message for text in _TRANSIENT_TEXT) or _TRANSIENT_HTTP.search(message):
     return TRANSIENT
   if any(text in message for text in _DAMAGE_TEXT):
     return DAMAGED
