@@ -68,7 +68,8 @@ def train(cfg, workdir: str) -> str:
   """Trains (or resumes) `cfg` in `workdir`; the workdir."""
   from loopjax.train.driver import train as run
   print(f"== {workdir}", flush=True)
-  run(cfg, workdir)
+  if run(cfg, workdir).preempted:  # saved; nothing to score yet
+    raise SystemExit(f"{workdir}: stopped by a signal after saving; run the same command again to resume it")
   return workdir
 
 
