@@ -73,6 +73,14 @@ def train(cfg, workdir: str) -> str:
   return workdir
 
 
+def wall_seconds(workdir: str) -> float:
+  """The run's training wall time over all its sessions: the sum of phases.jsonl's end and preempted
+  lines (a re-run that only collects a finished run's numbers adds none)."""
+  with open(os.path.join(workdir, "phases.jsonl")) as f:
+    events = [json.loads(line) for line in f if line.strip()]
+  return round(sum(e["wall_seconds"] for e in events if e["event"] in ("end", "preempted")), 1)
+
+
 def final_eval(workdir: str) -> dict:
   """The last held-out evaluation row of a run, keys without their step."""
   with open(os.path.join(workdir, "metrics.jsonl")) as f:

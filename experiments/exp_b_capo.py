@@ -22,7 +22,6 @@ import json
 import math
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
@@ -75,14 +74,14 @@ def main(argv=None) -> dict:
   for name in names:
     for seed in seeds:
       cfg = config(VARIANTS[name], seed, args.fast, steps, world.people, world.attributes, args.lr or LR)
-      start, workdir = time.time(), os.path.join(args.out, f"{name}_s{seed}")
+      workdir = os.path.join(args.out, f"{name}_s{seed}")
       common.train(cfg, workdir)
       bits = curve(workdir, cfg)
       params = count_params(cfg.model)
       final = bits[max(bits)]
       runs[f"{name}_s{seed}"] = {"variant": name, "seed": seed, "params": params, "bits_stored": final,
                                  "bits_per_param": final / params, "fraction_of_world": final / world_bits,
-                                 "curve": bits, "wall_s": round(time.time() - start, 1)}
+                                 "curve": bits, "wall_s": common.wall_seconds(workdir)}
   per_variant = {name: common.mean_spread([r["bits_per_param"] for r in runs.values() if r["variant"] == name])
                  for name in names}
   ratios = [runs[f"T4_s{s}"]["bits_per_param"] / max(runs[f"T1_s{s}"]["bits_per_param"], 1e-12)

@@ -24,7 +24,6 @@ import json
 import math
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
@@ -78,10 +77,9 @@ def main(argv=None) -> dict:
   workdirs, wall = {}, {}  # (name, seed) -> ...; seed 0 in OUT/<name>, seed N in OUT/seed<N>/<name>
   for seed in seeds:
     for name in names:
-      start = time.time()
       workdir = os.path.join(args.out, f"seed{seed}" if seed else "", name)
       workdirs[name, seed] = common.train(config(name, args.fast, seed), workdir)
-      wall[name, seed] = round(time.time() - start, 1)
+      wall[name, seed] = common.wall_seconds(workdir)
   results = {"steps": 4 if args.fast else STEPS, "fast": args.fast, "seeds": seeds,
              "runs": {f"{name}_s{seed}": dict(summary(w), wall_s=wall[name, seed]) for (name, seed), w in workdirs.items()}}
   common.write_results(args.out, results)

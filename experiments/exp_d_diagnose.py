@@ -17,7 +17,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
@@ -94,9 +93,9 @@ def main(argv=None) -> dict:
   for name, (layers, loops) in exp_d.VARIANTS.items():
     for lr in LRS[1:2] if args.fast else LRS:  # --fast: exp_d's LR alone (the sweep's code path, 3x cheaper)
       cfg = config(layers, loops, lr, STEPS, train_dir, val_dir, args.fast)
-      start, workdir = time.time(), os.path.join(args.out, f"{name}_lr{lr:g}")
+      workdir = os.path.join(args.out, f"{name}_lr{lr:g}")
       common.train(cfg, workdir)
-      runs[f"{name}_lr{lr:g}"] = {"model": name, "lr": lr, "wall_s": round(time.time() - start, 1),
+      runs[f"{name}_lr{lr:g}"] = {"model": name, "lr": lr, "wall_s": common.wall_seconds(workdir),
                                   "val_loss_nats_per_byte": common.final_eval(workdir)[f"eval_T{loops}/ce_per_step"][-1],
                                   "grad_norm": grad_norms(workdir)}
   best, norms, final = {}, {}, {}
@@ -111,19 +110,19 @@ def main(argv=None) -> dict:
   cfg = config(layers, loops, best["6x6"], STEPS, train_dir, val_dir, args.fast)
   cfg.model.depth_scaled_init = True
   factor = output_init_scale(cfg.model)
-  start, workdir = time.time(), os.path.join(args.out, f"6x6_scaled_lr{best['6x6']:g}")
+  workdir = os.path.join(args.out, f"6x6_scaled_lr{best['6x6']:g}")
   common.train(cfg, workdir)
   norms["6x6_scaled"] = {"init": residual_rms(cfg, None, val_dir),
                          f"lr{best['6x6']:g}": residual_rms(cfg, workdir, val_dir)}
   runs["6x6_scaled"] = {"model": "6x6", "lr": best["6x6"], "output_init_factor": factor,
-                        "wall_s": round(time.time() - start, 1), "grad_norm": grad_norms(workdir),
+                        "wall_s": common.wall_seconds(workdir), "grad_norm": grad_norms(workdir),
                         "val_loss_nats_per_byte": common.final_eval(workdir)[f"eval_T{loops}/ce_per_step"][-1]}
   for name, (layers, loops) in exp_d.VARIANTS.items():
     if extra.best:
       cfg = config(layers, loops, best[name], exp_d.STEPS, train_dir, val_dir, args.fast)
-      start, workdir = time.time(), os.path.join(args.out, f"{name}_best_{exp_d.STEPS}")
+      workdir = os.path.join(args.out, f"{name}_best_{exp_d.STEPS}")
       common.train(cfg, workdir)
-      final[name] = {"lr": best[name], "wall_s": round(time.time() - start, 1),
+      final[name] = {"lr": best[name], "wall_s": common.wall_seconds(workdir),
                      "val_loss_nats_per_byte": common.final_eval(workdir)[f"eval_T{loops}/ce_per_step"][-1]}
   results = {"steps": 4 if args.fast else STEPS, "fast": args.fast, "runs": runs, "best_lr": best,
              "residual_rms_per_layer_application": norms, "best_lr_runs": final}

@@ -20,7 +20,6 @@ import json
 import os
 import sys
 import sysconfig
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
@@ -108,10 +107,10 @@ def main(argv=None) -> dict:
   for name in names:
     for seed in seeds:
       cfg = variant_config(name, seed, args.lr or BEST_LR[name], train_dir, val_dir, args.fast, steps)
-      start, workdir = time.time(), os.path.join(args.out, f"{name}_s{seed}")
+      workdir = os.path.join(args.out, f"{name}_s{seed}")
       common.train(cfg, workdir)
       key = f"eval_T{cfg.model.loop_steps}/ce_per_step"
-      runs[f"{name}_s{seed}"] = {"variant": name, "seed": seed, "lr": cfg.optim.lr, "wall_s": round(time.time() - start, 1),
+      runs[f"{name}_s{seed}"] = {"variant": name, "seed": seed, "lr": cfg.optim.lr, "wall_s": common.wall_seconds(workdir),
                                  "val_loss_nats_per_byte": common.final_eval(workdir)[key][-1]}
       curves.setdefault(name, []).append(common.eval_curve(workdir, key))
   losses = {name: [r["val_loss_nats_per_byte"] for r in runs.values() if r["variant"] == name] for name in names}

@@ -5,6 +5,7 @@ bit for bit (tolerance 0: same program, same data, same CPU), and every step is 
 """
 
 import glob
+import json
 import os
 import random
 import shutil
@@ -85,6 +86,10 @@ def test_signal_saves_exits_75_and_restart_continues(tmp_path, reference, sig):
   steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
   assert len(steps) == 1 and 3 <= steps[0] < ts.STEPS, (steps, out[-2000:])
   assert [s for s, _ in ts.losses(workdir)][-1] == steps[0]  # it stopped right after the saved step
+  with open(os.path.join(workdir, "phases.jsonl")) as f:
+    events = [json.loads(line) for line in f]
+  assert [e["event"] for e in events] == ["start", "preempted"], events  # the session's time is kept
+  assert events[1]["step"] == steps[0] and events[1]["wall_seconds"] > 0, events
   if sig != signal.SIGTERM:
     return
   code, out = ts.run(workdir, "--config.checkpoint.every_steps=0", "--config.checkpoint.every_minutes=0")

@@ -44,6 +44,10 @@ def test_b_capo_fast(tmp_path):
   assert results["runs"]["T1_s0"]["params"] == results["runs"]["T4_s0"]["params"]
   assert len(results["T4_over_T1_per_seed"]) == 1 and results["world_bits"] == 512 * 32 * 4
   assert "claim" in results["verdict"]
+  first = results["runs"]["T1_s0"]["wall_s"]
+  assert first > 0  # the training time from phases.jsonl, not the time to collect a finished run
+  again = _module("exp_b_capo").main(["--fast", "--out", str(tmp_path)])  # resumes both finished runs
+  assert again["runs"]["T1_s0"]["wall_s"] == first
 
 
 def test_b_verdict_applies_the_preregistered_rule():

@@ -201,13 +201,19 @@ class Runner:
               data_iter=info.data_iter)
 
   def log_phase(self, ph, event: str, step: int, seconds: float, last: dict | None = None):
-    """The phase's line on the console and in WORKDIR/phases.jsonl (process 0)."""
+    """The phase's line on the console and in WORKDIR/phases.jsonl (process 0).
+
+    `event`: start, resume, end, or preempted (file only: the console already says what was saved).
+    A phase's wall time is the sum of its end and preempted lines' `wall_seconds`, one per session.
+    """
     if jax.process_index() != 0:
       return
     tokens = sum((min(step, s.end) - s.start) * s.cfg.train.batch_size * s.cfg.train.seq_len
                  for s in ph.segments if s.start < step)
-    log.info("%s", narration.phase_end(ph, step, seconds, tokens, last or {}) if event == "end"
-             else narration.phase_start(self.plan, ph, step, jax.device_count()))
+    if event == "end":
+      log.info("%s", narration.phase_end(ph, step, seconds, tokens, last or {}))
+    elif event != "preempted":
+      log.info("%s", narration.phase_start(self.plan, ph, step, jax.device_count()))
     storage.append_line(storage.run_path(self.workdir) / "phases.jsonl", json.dumps(
         {"phase": ph.spec.name, "event": event, "step": step, "start_step": ph.start, "end_step": ph.end,
          "tokens": tokens, "wall_seconds": round(seconds, 3), "time": time.time()}) + "\n")
@@ -291,6 +297,7 @@ class Runner:
                                                    tally, step, seg.end)
         step = int(state.step)
         if preempted:
+          self.log_phase(ph, "preempted", step, time.perf_counter() - began)
           return step, True
       self.log_phase(ph, "end", step, time.perf_counter() - began, hooks[0].last)
     return step, False
