@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -151,7 +152,17 @@ def test_split_is_stable_across_runs_and_worker_counts(tmp_path):
   assert not train & set(texts)
 
 
-def test_rerun_of_a_finished_output_is_a_no_op_and_another_corpus_is_refused(tmp_path, corpus, capsys):
+@pytest.fixture
+def beam_temps(tmp_path, monkeypatch):
+  """The temporary directories Beam's pipelines leave (it makes one per Pipeline and removes it in run()
+  only), in a temp dir of the test's own: a refused or reused prepare must leave none."""
+  own = tmp_path / "tmp"
+  own.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(own))
+  return lambda: sorted(n for n in os.listdir(own) if n.startswith("beam-pipeline-temp"))
+
+
+def test_rerun_of_a_finished_output_is_a_no_op_and_another_corpus_is_refused(tmp_path, corpus, capsys, beam_temps):
   in_dir, _, _ = corpus
   out = str(tmp_path / "out")
   first = prepare.prepare([str(in_dir)], out)
@@ -163,6 +174,7 @@ def test_rerun_of_a_finished_output_is_a_no_op_and_another_corpus_is_refused(tmp
   assert cli.run(["prepare", str(in_dir), "--output", out, "--text_field", "body"]) == 2
   assert "already holds a different corpus (its options differ)" in capsys.readouterr().err
   assert stamps == {name: os.stat(os.path.join(out, name)).st_mtime_ns for name in os.listdir(out)}
+  assert beam_temps() == []
 
 
 def test_unfinished_output_reuses_verified_shards_and_rebuilds_a_corrupted_one(tmp_path, corpus):
@@ -250,7 +262,8 @@ START_UP_ERRORS = {
 
 
 @pytest.mark.parametrize("case", sorted(START_UP_ERRORS))
-def test_bad_flags_fail_at_start_up_in_one_line_and_write_nothing(tmp_path, corpus, capsys, monkeypatch, case):
+def test_bad_flags_fail_at_start_up_in_one_line_and_write_nothing(tmp_path, corpus, capsys, monkeypatch, case,
+                                                                  beam_temps):
   in_dir, _, _ = corpus
   monkeypatch.chdir(tmp_path)
   _write(tmp_path / "x.csv", b"a,b")
@@ -261,6 +274,7 @@ def test_bad_flags_fail_at_start_up_in_one_line_and_write_nothing(tmp_path, corp
   err = capsys.readouterr().err.strip()
   assert err.count("\n") == 0 and message in err and "Fix:" in err, err
   assert not (tmp_path / "out").exists()
+  assert beam_temps() == []
 
 
 def test_without_beam_prepare_names_the_extra_in_one_line(tmp_path, corpus, capsys, monkeypatch):

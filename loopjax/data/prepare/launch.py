@@ -8,6 +8,7 @@ output directory. Each failure is one line naming the flag and the fix.
 import importlib.util
 import logging
 import os
+import shutil
 import tempfile
 
 from loopjax import storage
@@ -59,7 +60,7 @@ def prepare(inputs: list[str], output: str, options: Options = Options(), *, pip
   """
   options.check()
   _require_beam()
-  from loopjax.data.prepare import pipeline, runner
+  from loopjax.data.prepare import runner
   beam_options = runner.pipeline_options(list(pipeline_args), default_workers)
   worker_log = None if verbose else os.path.join(tempfile.gettempdir(), f"loopjax-prepare-workers-{os.getpid()}.log")
   beam_runner = runner.make_runner(beam_options, worker_log)
@@ -67,6 +68,15 @@ def prepare(inputs: list[str], output: str, options: Options = Options(), *, pip
     if storage.is_remote(path):
       storage.check_endpoint(path, flag)  # before Beam's own checks, which retry for minutes (Dataflow's)
   p = runner.make_pipeline(beam_options, beam_runner)
+  try:
+    return _run(p, inputs, output, options, beam_options, worker_log)
+  finally:  # Beam removes the pipeline's temporary directory in run() only: a refusal or a reuse kept one
+    shutil.rmtree(p.local_tempdir, ignore_errors=True)
+
+
+def _run(p, inputs: list[str], output: str, options: Options, beam_options, worker_log: str | None) -> dict:
+  """prepare() once its pipeline exists: the input and output checks, then the run (or the corpus reused)."""
+  from loopjax.data.prepare import pipeline, runner
   output = os.fspath(storage.run_path(output))
   storage.check_run_dir(output, "--output")
   files = readers.expand_inputs(inputs)
